@@ -1,0 +1,43 @@
+"""`lifecycle <stage> [hydra overrides]`: the same as `python -m lifecycle.<stage> [overrides]`."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from lifecycle import STAGES
+from lifecycle.errors import LifecycleError
+
+USAGE = f"""usage: lifecycle <stage> [hydra overrides] [--help | --cfg job | -m ...]
+
+stages: {', '.join(STAGES)}
+examples:
+  lifecycle pipeline                           the whole loop on the embedded default data
+  lifecycle pipeline experiment=smoke          the same, shrunk to under two minutes
+  lifecycle pretrain model=tiny_llama optimizer.lr=1e-3 trainer.max_steps=500
+  lifecycle pretrain --cfg job                 print the composed config
+"""
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    stage = sys.argv[1]
+    if stage not in STAGES:
+        sys.exit(f"lifecycle: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    # exec, not import: the stage then runs as `python -m lifecycle.<stage>`, which is also the command
+    # Lightning re-launches for each DDP rank.
+    os.execv(sys.executable, [sys.executable, "-m", f"lifecycle.{stage}", *sys.argv[2:]])
+
+
+def guarded(task):
+    """Print a LifecycleError as one clear line and exit 2, instead of a traceback."""
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except LifecycleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapper

@@ -1,0 +1,264 @@
+"""Typed schemas for stage settings, checked in seconds before any heavy import or model load."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lifecycle.errors import ConfigError
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {reason}")
+
+
+@dataclass
+class TrainerSchema:
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    max_steps: int = 500
+    max_epochs: int = -1
+    val_check_interval: int = 100
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    use_distributed_sampler: bool = False
+    enable_model_summary: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.val_check_interval >= 1, "trainer.val_check_interval", "must be >= 1 (steps)")
+        _require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+        _require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+        clip = self.gradient_clip_val
+        _require(clip is None or clip >= 0, "trainer.gradient_clip_val", "must be >= 0 or null")
+
+
+@dataclass
+class OptimizerSchema:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 "optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optimizer.eps", "must be > 0")
+
+
+@dataclass
+class SchedulerSchema:
+    _target_: str = "lifecycle.training.schedule.warmup_cosine"
+    _partial_: bool = True
+    warmup_steps: int = 20
+    total_steps: int = 500
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
+        _require(self.total_steps >= 1, "scheduler.total_steps", "must be >= 1")
+        _require(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class DataModuleSchema:
+    _target_: str = "lifecycle.training.datamodule.PackedDataModule"
+    dir: str = "outputs/data/latest"
+    seq_len: int = 256
+    batch_size: int = 8
+    val_batches: int = 16
+    num_workers: int = 0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+class NonFinitePolicy(Enum):
+    halt = "halt"
+    skip = "skip"
+
+
+@dataclass
+class TrainSchema:
+    ckpt_every_n_steps: int = 100
+    nonfinite: NonFinitePolicy = NonFinitePolicy.halt
+    max_skipped_steps: int = 5
+    restore_rng: bool = True
+    peak_flops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _require(self.ckpt_every_n_steps >= 1, "train.ckpt_every_n_steps", "must be >= 1")
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
+        _require(self.peak_flops is None or self.peak_flops > 0, "train.peak_flops", "must be > 0 or null")
+
+
+@dataclass
+class SamplesSchema:
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "samples.max_new_tokens", "must be >= 1")
+        _require(self.temperature >= 0, "samples.temperature", "must be >= 0 (0 = greedy)")
+        _require(self.top_k >= 0, "samples.top_k", "must be >= 0 (0 = off)")
+
+
+class CorpusSource(Enum):
+    stdlib = "stdlib"
+    local = "local"
+
+
+@dataclass
+class CorpusSchema:
+    source: CorpusSource = CorpusSource.stdlib
+    path: Optional[str] = None
+    extensions: list[str] = field(default_factory=lambda: [".py"])
+    max_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.source != CorpusSource.local or bool(self.path), "corpus.path",
+                 "is required with corpus=local: set corpus.path=/your/docs (a directory or a glob)")
+        _require(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0 or null")
+        _require(bool(self.extensions), "corpus.extensions", "must list at least one extension, e.g. [.txt]")
+
+
+class TokenizerKind(Enum):
+    bpe = "bpe"
+    pretrained = "pretrained"
+
+
+@dataclass
+class TokenizerSchema:
+    kind: TokenizerKind = TokenizerKind.bpe
+    vocab_size: Optional[int] = 8192
+    min_frequency: Optional[int] = 2
+    name_or_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind == TokenizerKind.bpe:
+            _require(self.vocab_size is not None and 260 <= self.vocab_size <= 2**31 - 1,
+                     "tokenizer.vocab_size", f"must be >= 260 (256 bytes + special tokens), got {self.vocab_size}")
+
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@dataclass
+class PrecisionSchema:
+    value: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.value in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}; got {self.value!r}")
+
+
+# What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable).
+STAGE_NODES: dict[str, dict[str, Optional[type]]] = {
+    "data": {"corpus": CorpusSchema, "tokenizer": TokenizerSchema, "logger": None},
+    "pretrain": {"data": DataModuleSchema, "model": None, "strategy": None, "precision": PrecisionSchema,
+                 "optimizer": OptimizerSchema, "scheduler": SchedulerSchema, "trainer": TrainerSchema,
+                 "logger": None, "train": TrainSchema, "samples": SamplesSchema},
+    "pipeline": {"logger": None},
+}
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
+
+
+def validate(cfg: DictConfig, stage: str) -> None:
+    """Raise ConfigError naming the first bad key; imports nothing heavy."""
+    for key, schema in STAGE_NODES[stage].items():
+        try:
+            node = cfg[key]
+            missing = sorted(f"{key}.{k}" for k in OmegaConf.missing_keys(node))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{getattr(e, 'full_key', None) or key}: {str(e).splitlines()[0]}") from None
+        if missing:
+            raise ConfigError(f"{missing[0]} is required (it is '???'): set it on the command line, "
+                              f"e.g. {missing[0]}=<value>")
+        try:
+            values = OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: cannot resolve {e}") from None
+        if schema is not None:
+            _check_schema(key, schema, values)
+        elif isinstance(values, dict) and isinstance(values.get("_target_"), str):
+            _check_target(key, values)
+    for k, v in _walk(OmegaConf.to_container(cfg, resolve=False)):
+        if SECRET_KEY.search(k) and v not in (None, "", "???"):
+            raise ConfigError(f"{k}: secrets do not belong in the config (it is written to disk and to W&B); "
+                              "pass them through the environment, e.g. WANDB_API_KEY")
+
+
+def _check_schema(key: str, schema: type, values: Any) -> None:
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        bad = getattr(e, "full_key", "") or ""
+        name = f"{key}.{bad}" if bad else key
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{name}: {msg}") from None
+
+
+def _check_target(key: str, values: dict) -> None:
+    """Every key of a `_target_` node must be a keyword of the callable it names."""
+    target = values["_target_"]
+    if not target.startswith("lifecycle."):
+        return  # third-party callables are checked when instantiated (importing them here is slow)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{key}._target_: no callable named {target}") from None
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for k in values:
+        if not k.startswith("_") and k not in params:
+            valid = ", ".join(p for p in params if not p.startswith("_"))
+            raise ConfigError(f"{key}.{k}: unknown key for {target}; valid keys: {valid}")
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.") if isinstance(v, (dict, list)) else [(f"{prefix}{k}", v)]
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}{i}.")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The resolved config as plain data, with secret-looking values masked."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return _mask(data)
+
+
+def _mask(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else _mask(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask(v) for v in node]
+    return node

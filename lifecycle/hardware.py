@@ -1,0 +1,38 @@
+"""What the hardware can do: the precision it should train in and its measured peak FLOP/s."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def resolve_precision(value: str, accelerator: str) -> str:
+    """`auto` -> bf16-mixed on a bf16-capable GPU, 16-mixed on another GPU, 32-true on CPU."""
+    if value != "auto":
+        return value
+    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
+                       seconds: float = 0.5) -> float:
+    """Best FLOP/s of repeated n x n matmuls: the practical GEMM peak that MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6N for the weights plus 12*L*H*Q*T for attention (PaLM, appendix B)."""
+    return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len

@@ -1,0 +1,132 @@
+"""`lifecycle pretrain`: train a causal LM with Lightning on packed shards; export a transformers model."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig
+
+from lifecycle import artifacts, tracking
+from lifecycle.config import resolved, validate
+from lifecycle.errors import ConfigError
+from lifecycle.hardware import flops_per_token, resolve_precision
+from lifecycle.training import checkpoint
+from lifecycle.training.callbacks import Throughput
+from lifecycle.training.module import CausalLM
+from lifecycle.training.samples import generate_samples
+
+STAGE = "pretrain"
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg, STAGE)
+    started, config = time.time(), resolved(cfg)
+    run_dir, is_zero = Path(cfg.paths.run_dir), rank_zero_only.rank == 0
+    if is_zero:
+        artifacts.start_run(run_dir, config)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    meta = datamodule.meta
+    model = instantiate(cfg.model, vocab_size=meta["vocab_size"], bos_token_id=meta["bos_token_id"],
+                        eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
+    _check_context(model, cfg.data.seq_len)
+    model = instantiate(cfg.strategy)(model)
+    module = CausalLM(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler), cfg.train.nonfinite,
+                      cfg.train.max_skipped_steps, cfg.train.restore_rng)
+
+    resume = checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / STAGE) if cfg.ckpt_path else None
+    if resume:
+        checkpoint.check_compatible(resume, module)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint.clean_stale_temps(ckpt_dir)
+    throughput = Throughput(_flops_per_token(model, cfg.data.seq_len), cfg.train.peak_flops, run_dir / "metrics.jsonl")
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=cfg.train.ckpt_every_n_steps, save_last=True, save_top_k=2,
+                                 monitor="step", mode="max"),
+                 throughput, RichProgressBar()]
+    logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
+    precision = resolve_precision(cfg.precision.value, cfg.trainer.accelerator)
+    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=logger or False,
+                          plugins=[checkpoint.AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
+                weights_only=True)
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    val = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)[0]
+    if not is_zero:
+        return {}
+
+    model_dir = _export(model, Path(cfg.data.dir) / "tokenizer", run_dir / "model")
+    samples = generate_samples(model_dir, list(cfg.samples.prompts), cfg.samples.max_new_tokens,
+                               cfg.samples.temperature, cfg.samples.top_k, cfg.seed)
+    artifacts.atomic_write(run_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    losses = [r["train/loss"] for r in _history(run_dir) if r.get("train/loss") is not None]
+    metrics = {"val/loss": round(val["val/loss"], 4), "val/ppl": round(val["val/ppl"], 3),
+               "train/loss_first": round(losses[0], 4) if losses else None,
+               "train/loss_last": round(losses[-1], 4) if losses else None,
+               "train/steps": trainer.global_step, "train/params": sum(p.numel() for p in model.parameters()),
+               "train/precision": precision, **throughput.summary(module.device)}
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if hasattr(logger, "log_text"):
+            logger.log_text(key="samples", columns=list(samples[0]), data=[list(s.values()) for s in samples])
+        tracking.log_model_artifact(logger, model_dir, f"model-{cfg.name}", metrics)
+    inputs = {"data": artifacts.input_record(cfg.data.dir)}
+    if resume:
+        inputs["resumed_from"] = artifacts.input_record(resume)
+    artifacts.finish_run(run_dir, STAGE, inputs, metrics, config, started, tracking.run_id(logger))
+    tracking.finish(logger)
+    _print_summary(run_dir, metrics, samples)
+    return metrics
+
+
+def _check_context(model, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context of {limit} positions; lower "
+                          "data.seq_len or raise the model's max_position_embeddings / n_positions")
+
+
+def _flops_per_token(model, seq_len: int) -> int:
+    """6N counts every weight used in a matmul: all parameters but the input (and position) embeddings."""
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    n_params -= sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Embedding")
+    if c.tie_word_embeddings:
+        n_params += model.get_output_embeddings().weight.numel()
+    n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
+    return flops_per_token(n_params, n_layers, n_heads, c.hidden_size // n_heads, seq_len)
+
+
+def _export(model, tokenizer_dir: Path, model_dir: Path) -> Path:
+    """save_pretrained (safetensors) + the data's tokenizer, written beside and renamed into place."""
+    from transformers import AutoTokenizer
+
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    os.replace(tmp, model_dir)
+    return model_dir
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _print_summary(run_dir: Path, metrics: dict, samples: list[dict]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold green]pretrain[/] loss {metrics['train/loss_first']} -> {metrics['train/loss_last']}, "
+                  f"val/ppl {metrics['val/ppl']}, {metrics['train/tokens_per_s']:,} tok/s, "
+                  f"MFU {metrics['train/mfu']:.1%} -> {run_dir}")
+    for s in samples:
+        console.print(f"[dim]{s['prompt']!r} ->[/] {s['prompt'] + s['completion']!r}")

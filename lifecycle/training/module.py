@@ -1,0 +1,119 @@
+"""The one LightningModule for causal-LM training: pretraining and every fine-tuning strategy share it."""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lifecycle.errors import ConfigError, NonFiniteLossError
+
+IGNORE = -100
+
+
+class CausalLM(LightningModule):
+    """Next-token cross-entropy on {"input_ids", "labels"} batches (labels already shifted, -100 ignored)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
+                 max_skipped_steps: int = 5, restore_rng: bool = True):
+        super().__init__()
+        self.model, self.optimizer_factory, self.scheduler_factory = model, optimizer, scheduler
+        self.nonfinite, self.max_skipped_steps, self.restore_rng = nonfinite, max_skipped_steps, restore_rng
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE)
+        self.skipped_in_a_row = 0
+        self._pending_rng: dict | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits  # (B, T, V)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"])                                        # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+        return loss, logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        loss, _ = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            return self._on_nonfinite(loss)
+        self.skipped_in_a_row = 0
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def _on_nonfinite(self, loss: torch.Tensor) -> None:
+        step = self.global_step
+        self.skipped_in_a_row += 1
+        if self.nonfinite == "skip" and self.skipped_in_a_row <= self.max_skipped_steps:
+            self.print(f"warning: step {step}: loss is {loss.item()}; skipping it "
+                       f"({self.skipped_in_a_row}/{self.max_skipped_steps} in a row)")
+            return None  # Lightning then skips backward; grads are None so the optimizer changes nothing
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none yet"
+        why = (f"{self.skipped_in_a_row} steps in a row (train.max_skipped_steps={self.max_skipped_steps})"
+               if self.nonfinite == "skip" else "train.nonfinite=halt")
+        raise NonFiniteLossError(f"step {step}: loss is {loss.item()}; stopping ({why}). Last good checkpoint: "
+                                 f"{ckpt}. Try a lower optimizer.lr or trainer.gradient_clip_val, then resume "
+                                 "with ckpt_path=last")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self.compute_loss(batch)
+        tokens = (batch["labels"] != IGNORE).sum()
+        self.val_loss.update(loss, weight=tokens)
+        self.val_ppl.update(logits.float(), batch["labels"])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model,
+                                                                      self.optimizer_factory.keywords["weight_decay"]))
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Exact resume: the RNG states travel in the checkpoint and are restored just before training resumes.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng = checkpoint.get("rng") if self.restore_rng else None
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norm weights and embeddings are exempt."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("strategy: no trainable parameters left; check the strategy config")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain data (so checkpoints load with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
