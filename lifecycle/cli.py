@@ -41,3 +41,7 @@ def guarded(task):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     return wrapper
+
+
+if __name__ == "__main__":
+    main()

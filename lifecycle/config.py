@@ -177,8 +177,9 @@ class PrecisionSchema:
 # What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable).
 STAGE_NODES: dict[str, dict[str, Optional[type]]] = {
     "data": {"corpus": CorpusSchema, "tokenizer": TokenizerSchema, "logger": None},
-    "pretrain": {"data": DataModuleSchema, "model": None, "strategy": None, "precision": PrecisionSchema,
-                 "optimizer": OptimizerSchema, "scheduler": SchedulerSchema, "trainer": TrainerSchema,
+    # Order matters: a node is checked before the nodes that interpolate it (scheduler reads trainer.max_steps).
+    "pretrain": {"trainer": TrainerSchema, "data": DataModuleSchema, "model": None, "strategy": None,
+                 "precision": PrecisionSchema, "optimizer": OptimizerSchema, "scheduler": SchedulerSchema,
                  "logger": None, "train": TrainSchema, "samples": SamplesSchema},
     "pipeline": {"logger": None},
 }
@@ -187,6 +188,10 @@ SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 
 def validate(cfg: DictConfig, stage: str) -> None:
     """Raise ConfigError naming the first bad key; imports nothing heavy."""
+    for k, v in _walk(OmegaConf.to_container(cfg, resolve=False)):
+        if SECRET_KEY.search(k) and v not in (None, "", "???"):
+            raise ConfigError(f"{k}: secrets do not belong in the config (it is written to disk and to W&B); "
+                              "pass them through the environment, e.g. WANDB_API_KEY")
     for key, schema in STAGE_NODES[stage].items():
         try:
             node = cfg[key]
@@ -204,10 +209,6 @@ def validate(cfg: DictConfig, stage: str) -> None:
             _check_schema(key, schema, values)
         elif isinstance(values, dict) and isinstance(values.get("_target_"), str):
             _check_target(key, values)
-    for k, v in _walk(OmegaConf.to_container(cfg, resolve=False)):
-        if SECRET_KEY.search(k) and v not in (None, "", "???"):
-            raise ConfigError(f"{k}: secrets do not belong in the config (it is written to disk and to W&B); "
-                              "pass them through the environment, e.g. WANDB_API_KEY")
 
 
 def _check_schema(key: str, schema: type, values: Any) -> None:

@@ -36,3 +36,25 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
 def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
     """Training FLOPs per token: 6N for the weights plus 12*L*H*Q*T for attention (PaLM, appendix B)."""
     return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """flops_per_token for a transformers model; N counts every weight used in a matmul, i.e. all parameters
+    but the input (and position) embeddings, plus the output projection when it is tied to the input."""
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    n_params -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        n_params += output.weight.numel()
+    n_heads = c.num_attention_heads
+    return flops_per_token(n_params, c.num_hidden_layers, n_heads, c.hidden_size // n_heads, seq_len)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls of a Lightning precision setting run in (for the matching GEMM peak)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float64 if precision.startswith("64") else torch.float32

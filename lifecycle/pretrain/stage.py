@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from lifecycle import artifacts, tracking
 from lifecycle.config import resolved, validate
 from lifecycle.errors import ConfigError
-from lifecycle.hardware import flops_per_token, resolve_precision
+from lifecycle.hardware import model_flops_per_token, resolve_precision
 from lifecycle.training import checkpoint
 from lifecycle.training.callbacks import Throughput
 from lifecycle.training.module import CausalLM
@@ -47,13 +47,14 @@ def run(cfg: DictConfig) -> dict:
         checkpoint.check_compatible(resume, module)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint.clean_stale_temps(ckpt_dir)
-    throughput = Throughput(_flops_per_token(model, cfg.data.seq_len), cfg.train.peak_flops, run_dir / "metrics.jsonl")
+    precision = resolve_precision(cfg.precision.value, cfg.trainer.accelerator)
+    throughput = Throughput(model_flops_per_token(model, cfg.data.seq_len), cfg.train.peak_flops,
+                            run_dir / "metrics.jsonl", precision)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=cfg.train.ckpt_every_n_steps, save_last=True, save_top_k=2,
                                  monitor="step", mode="max"),
                  throughput, RichProgressBar()]
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
-    precision = resolve_precision(cfg.precision.value, cfg.trainer.accelerator)
     trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=logger or False,
                           plugins=[checkpoint.AtomicCheckpointIO()], default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
@@ -92,17 +93,6 @@ def _check_context(model, seq_len: int) -> None:
     if limit is not None and seq_len > limit:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context of {limit} positions; lower "
                           "data.seq_len or raise the model's max_position_embeddings / n_positions")
-
-
-def _flops_per_token(model, seq_len: int) -> int:
-    """6N counts every weight used in a matmul: all parameters but the input (and position) embeddings."""
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    n_params -= sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Embedding")
-    if c.tie_word_embeddings:
-        n_params += model.get_output_embeddings().weight.numel()
-    n_layers, n_heads = c.num_hidden_layers, c.num_attention_heads
-    return flops_per_token(n_params, n_layers, n_heads, c.hidden_size // n_heads, seq_len)
 
 
 def _export(model, tokenizer_dir: Path, model_dir: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lifecycle.hardware import measure_peak_flops
+from lifecycle.hardware import compute_dtype, measure_peak_flops
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -22,15 +22,16 @@ def peak_memory_mb(device: torch.device) -> float:
 class Throughput(Callback):
     """Tokens/s and MFU per optimizer step (validation excluded); one JSON line per step in metrics.jsonl."""
 
-    def __init__(self, flops_per_token: int, peak_flops: float | None, history: Path):
+    def __init__(self, flops_per_token: int, peak_flops: float | None, history: Path, precision: str = "32-true"):
         self.flops_per_token, self.peak_flops, self.history = flops_per_token, peak_flops, Path(history)
+        self.precision = precision
         self._t0: float | None = None
         self._tokens, self._losses, self._last_step = 0, [], -1
         self.total_tokens, self.total_seconds, self.steps = 0, 0.0, 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.peak_flops is None:
-            self.peak_flops = measure_peak_flops(pl_module.device)
+            self.peak_flops = measure_peak_flops(pl_module.device, compute_dtype(self.precision))
         self._last_step, self.world = trainer.global_step, trainer.world_size
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -58,11 +59,13 @@ class Throughput(Callback):
                "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
                "train/tokens_per_s": round(tokens_per_s, 1), "train/mfu": round(mfu, 4)}
         self._write(trainer, row)
-        self._t0, self._tokens, self._losses, self._last_step = None, 0, [], trainer.global_step
+        # The next step's clock starts now, so loading its batch counts; validation restarts it.
+        self._t0, self._tokens, self._losses, self._last_step = time.perf_counter(), 0, [], trainer.global_step
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+        self._t0 = None
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # the final trainer.validate() is reported in the manifest
         m = trainer.callback_metrics
         self._write(trainer, {"step": trainer.global_step, **{k: float(m[k]) for k in ("val/loss", "val/ppl")
                                                               if k in m}})

@@ -70,7 +70,7 @@ class CausalLM(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=weight_decay_groups(self.model,
-                                                                      self.optimizer_factory.keywords["weight_decay"]))
+                                                                      self.optimizer_factory.keywords.get("weight_decay", 0.0)))
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,43 @@
+"""Shared fixtures: no network, outputs in a temp dir, composed configs, one tiny data run per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+                  TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from lifecycle import CONF_DIR  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny but real: the smoke recipe, 2 layers of width 64, a 1,024-token vocabulary.
+TINY = ["experiment=smoke", "logger=none", "corpus.max_bytes=400000"]
+
+
+def make_cfg(name: str, run_dir: Path, overrides: list[str] = ()):
+    """Compose a stage config as the CLI would, with outputs under run_dir's parent."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_root={run_dir.parent.parent}", f"paths.run_dir={run_dir}",
+                                        *overrides])
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m lifecycle.<stage> ...` as a user would."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One finished tiny `lifecycle data` run shared by the session's training tests."""
+    from lifecycle.data.stage import run
+
+    run_dir = tmp_path_factory.mktemp("outputs") / "data" / "run0"
+    run(make_cfg("data", run_dir, TINY))
+    return run_dir

@@ -1,0 +1,78 @@
+"""Every primary config x every experiment composes, validates and instantiates; every group option composes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from lifecycle import CONF_DIR, STAGES
+from lifecycle.config import validate
+
+from conftest import make_cfg
+
+CONF = Path(CONF_DIR)
+EXPERIMENTS = [None] + sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+NEEDS_VALUE = {"model": {"hf_pretrained": ["model.name_or_path=/some/model"]},
+               "corpus": {"local": ["corpus.path=/some/docs"]},
+               "tokenizer": {"hf_pretrained": ["tokenizer.name_or_path=/some/tok"]}}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_primary_x_experiment_composes_and_validates(stage, experiment, tmp_path):
+    overrides = [f"experiment={experiment}"] if experiment else []
+    cfg = make_cfg(stage, tmp_path / stage / "run", overrides)
+    validate(cfg, stage)
+    assert cfg.name == (experiment or "default")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_pretrain_groups_instantiate(experiment, tmp_path):
+    cfg = make_cfg("pretrain", tmp_path / "pretrain" / "run", [f"experiment={experiment}"] if experiment else [])
+    model = instantiate(cfg.model, vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = instantiate(cfg.strategy)(model)
+    assert all(p.requires_grad for p in model.parameters())
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * scheduler.lr_lambdas[0](0))
+    datamodule = instantiate(cfg.data)
+    assert datamodule.seq_len == cfg.data.seq_len
+    trainer = instantiate(cfg.trainer, precision="32-true", logger=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("group", ["model", "strategy", "precision", "optimizer", "scheduler", "trainer", "logger",
+                                   "data"])
+def test_every_pretrain_group_option_composes(group, tmp_path):
+    for option in options(group):
+        extra = NEEDS_VALUE.get(group, {}).get(option, [])
+        cfg = make_cfg("pretrain", tmp_path / "pretrain" / option, [f"{group}={option}", *extra])
+        validate(cfg, "pretrain")
+
+
+@pytest.mark.parametrize("group", ["corpus", "tokenizer"])
+def test_every_data_group_option_composes(group, tmp_path):
+    for option in options(group):
+        extra = NEEDS_VALUE.get(group, {}).get(option, [])
+        validate(make_cfg("data", tmp_path / "data" / option, [f"{group}={option}", *extra]), "data")
+
+
+def test_slurm_launcher_composes():
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("pretrain", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 2 and launcher.tasks_per_node == 2
+
+
+def test_every_yaml_opens_with_a_comment():
+    for path in CONF.rglob("*.yaml"):
+        first = path.read_text().lstrip().splitlines()[0]
+        assert first.startswith("#"), f"{path} should open with a comment saying what it is"

@@ -1,0 +1,65 @@
+"""Bad overrides fail before any model loads, naming the key and the reason."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import validate
+from lifecycle.errors import ConfigError
+
+from conftest import cli, make_cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    ("trainer.max_steps=abc", ["trainer.max_steps", "abc"]),
+    ("optimizer.lr=-1", ["optimizer.lr", "> 0"]),
+    ("+trainer.max_stepz=5", ["trainer.max_stepz", "TrainerSchema"]),
+    ("+model.hiden_size=5", ["model.hiden_size", "unknown key", "hidden_size"]),
+    ("model=hf_pretrained", ["model.name_or_path", "required"]),
+    ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+    ("scheduler.min_lr_ratio=2", ["scheduler.min_lr_ratio", "[0, 1]"]),
+    ("precision.value=fp8", ["precision", "32-true"]),
+    ("train.nonfinite=ignore", ["train.nonfinite", "ignore"]),
+    ("+logger.api_key=0123456789abcdef0123456789abcdef", ["logger.api_key", "environment"]),
+])
+def test_bad_pretrain_override_names_key(override, words, tmp_path):
+    cfg = make_cfg("pretrain", tmp_path / "pretrain" / "run", [override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, "pretrain")
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_local_corpus_without_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"corpus.path.*required"):
+        validate(make_cfg("data", tmp_path / "data" / "run", ["corpus=local"]), "data")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["trainer.max_steps=abc"], ["error: trainer.max_steps", "abc"]),
+    (["optimizer.lr=-1"], ["error: optimizer.lr"]),
+    (["trainer.max_step=5"], ["max_step"]),  # Hydra itself refuses keys that are not in the config
+])
+def test_cli_exits_nonzero_before_loading(args, words, tmp_path):
+    out = cli("lifecycle.pretrain", f"paths.output_root={tmp_path}", *args, timeout=60)
+    assert out.returncode != 0
+    for w in words:
+        assert w in out.stderr, out.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("model"))
+
+
+def test_cli_help_and_cfg_are_fast_and_work(tmp_path):
+    out = cli("lifecycle.pretrain", "--cfg", "job", timeout=60)
+    assert out.returncode == 0 and "_target_: lightning.pytorch.Trainer" in out.stdout
+    out = cli("lifecycle.pretrain", "--info", "defaults-tree", timeout=60)
+    assert out.returncode == 0 and "model: tiny_llama" in out.stdout
+    out = cli("lifecycle.cli", "--help", timeout=60)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+    script = Path(sys.executable).parent / "lifecycle"  # the installed console script
+    out = subprocess.run([script, "pretrain", "--cfg", "job"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "tiny_llama" not in out.stdout and "hidden_size: 320" in out.stdout
+    out = subprocess.run([script, "nosuchstage"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "unknown stage" in out.stderr
