@@ -1,0 +1,40 @@
+"""`lifecycle pipeline experiment=smoke` end to end, with W&B offline and a W&B key that must leak nowhere."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+
+pytestmark = pytest.mark.integration
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shape of a real W&B key
+
+
+def test_smoke_pipeline_with_wandb_offline_leaks_no_key(tmp_path):
+    out = cli("lifecycle.pipeline", f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'pipeline' / 'p'}",
+              "experiment=smoke", "logger=wandb", 'stages.data=["corpus.max_bytes=400000"]',
+              env={"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "pipeline" / "p" / "manifest.json").read_text())
+    stages = manifest["metrics"]["stages"]
+    assert list(stages) == ["data", "pretrain"]
+    pretrain_dir = Path(stages["pretrain"]["run_dir"])
+    assert (tmp_path / "pretrain" / "latest").resolve() == pretrain_dir
+    pre = json.loads((pretrain_dir / "manifest.json").read_text())
+    assert pre["inputs"]["data"]["path"] == stages["data"]["run_dir"]
+    assert pre["wandb_run_id"] and list((pretrain_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert pre["config"]["name"] == "smoke"
+
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaks, f"the W&B key was written to {leaks}"
+
+
+def test_failed_stage_stops_the_pipeline_and_keeps_latest(tmp_path):
+    out = cli("lifecycle.pipeline", f"paths.output_root={tmp_path}", "experiment=smoke",
+              'stages.data=["corpus=local","corpus.path=/nonexistent/docs"]', timeout=300)
+    assert out.returncode != 0
+    assert "corpus.path='/nonexistent/docs' does not exist" in out.stderr
+    assert "stage `data` failed" in out.stderr
+    assert not (tmp_path / "data" / "latest").exists() and not (tmp_path / "pretrain").exists()
