@@ -38,8 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from lifecycle.data.tokenizer import train_bpe  # noqa: E402
-from lifecycle.hardware import measure_peak_flops  # noqa: E402
-from lifecycle.pretrain.stage import _flops_per_token  # noqa: E402
+from lifecycle.hardware import measure_peak_flops, model_flops_per_token  # noqa: E402
 from lifecycle.training.datamodule import Windows  # noqa: E402
 from lifecycle.training.module import IGNORE, CausalLM, weight_decay_groups  # noqa: E402
 from lifecycle.training.schedule import warmup_cosine  # noqa: E402
@@ -156,7 +155,7 @@ def main() -> None:
 
     batches, ids = make_batches(args)
     probe = build_model(args, ids)
-    fpt, n_params = _flops_per_token(probe, args.seq_len), sum(q.numel() for q in probe.parameters())
+    fpt, n_params = model_flops_per_token(probe, args.seq_len), sum(q.numel() for q in probe.parameters())
     del probe
     peak = measure_peak_flops(torch.device("cpu"))
     runs = {"ours": [], "raw": []}

@@ -73,7 +73,7 @@ def start_run(run_dir: str | Path, config: dict) -> Path:
 
 def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: dict,
                started: float, wandb_run_id: str | None = None) -> None:
-    """Write manifest.json, then point outputs/<stage>/latest at this run (only successful runs get here)."""
+    """Write manifest.json, then point <output_root>/<stage>/latest at this run (only successful runs get here)."""
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -85,17 +85,16 @@ def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: d
         "config": config,
     }
     write_json(run_dir / "manifest.json", manifest)
-    update_latest(run_dir)
+    update_latest(run_dir, Path(config["paths"]["output_root"]) / stage)
 
 
-def update_latest(run_dir: Path) -> None:
-    """Atomically repoint <stage dir>/latest at run_dir (a relative symlink)."""
-    run_dir = Path(run_dir).resolve()
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
+def update_latest(run_dir: Path, stage_root: Path) -> None:
+    """Atomically repoint <stage_root>/latest at run_dir (a relative symlink; multirun jobs included)."""
+    stage_root.mkdir(parents=True, exist_ok=True)
+    link, tmp = stage_root / "latest", stage_root / f".latest.tmp-{os.getpid()}"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(run_dir.name, tmp)
+    os.symlink(os.path.relpath(Path(run_dir).resolve(), stage_root.resolve()), tmp)
     os.replace(tmp, link)
 
 

@@ -263,3 +263,18 @@ def _mask(node: Any) -> Any:
     if isinstance(node, list):
         return [_mask(v) for v in node]
     return node
+
+
+def build(node: DictConfig, **runtime: Any) -> Any:
+    """hydra.utils.instantiate, letting our own errors through unwrapped (Hydra wraps every exception)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from lifecycle.errors import LifecycleError
+
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, LifecycleError):
+            raise e.__cause__ from None
+        raise

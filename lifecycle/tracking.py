@@ -65,7 +65,7 @@ def finish(logger) -> None:
 
 def make_logger(node, run_dir: Path, stage: str, experiment: str, config: dict):
     """Build the `logger` group's logger for one stage run: W&B group = experiment, job_type = stage."""
-    from hydra.utils import instantiate
+    from lifecycle.config import build
 
-    return instantiate(node, save_dir=str(run_dir), name=f"{stage}-{Path(run_dir).name}", group=experiment,
+    return build(node, save_dir=str(run_dir), name=f"{stage}-{Path(run_dir).name}", group=experiment,
                        job_type=stage, run_config=config, _recursive_=False, _convert_="all")

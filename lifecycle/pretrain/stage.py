@@ -6,14 +6,13 @@ import os
 import time
 from pathlib import Path
 
-from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig
 
 from lifecycle import artifacts, tracking
-from lifecycle.config import resolved, validate
+from lifecycle.config import build, resolved, validate
 from lifecycle.errors import ConfigError
 from lifecycle.hardware import model_flops_per_token, resolve_precision
 from lifecycle.training import checkpoint
@@ -32,14 +31,14 @@ def run(cfg: DictConfig) -> dict:
         artifacts.start_run(run_dir, config)
     seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     datamodule.setup()
     meta = datamodule.meta
-    model = instantiate(cfg.model, vocab_size=meta["vocab_size"], bos_token_id=meta["bos_token_id"],
+    model = build(cfg.model, vocab_size=meta["vocab_size"], bos_token_id=meta["bos_token_id"],
                         eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
     _check_context(model, cfg.data.seq_len)
-    model = instantiate(cfg.strategy)(model)
-    module = CausalLM(model, instantiate(cfg.optimizer), instantiate(cfg.scheduler), cfg.train.nonfinite,
+    model = build(cfg.strategy)(model)
+    module = CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
                       cfg.train.max_skipped_steps, cfg.train.restore_rng)
 
     resume = checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / STAGE) if cfg.ckpt_path else None
@@ -55,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
                                  monitor="step", mode="max"),
                  throughput, RichProgressBar()]
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
-    trainer = instantiate(cfg.trainer, precision=precision, callbacks=callbacks, logger=logger or False,
+    trainer = build(cfg.trainer, precision=precision, callbacks=callbacks, logger=logger or False,
                           plugins=[checkpoint.AtomicCheckpointIO()], default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True)

@@ -164,3 +164,12 @@ def test_ddp_two_processes(data_dir, tmp_path):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "train/loss" in r]) == 6  # rank 0 alone writes the history
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_unknown_hub_model_fails_fast_offline(data_dir, tmp_path):
+    from lifecycle.errors import ConfigError
+
+    cfg = make_cfg("pretrain", tmp_path / "pretrain" / "x", ["logger=none", f"data.dir={data_dir}",
+                                                              "model=hf_pretrained", "model.name_or_path=no-org/no-model"])
+    with pytest.raises(ConfigError, match="no-org/no-model.*cannot load it"):
+        run(cfg)

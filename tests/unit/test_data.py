@@ -90,3 +90,27 @@ def test_not_a_data_run(tmp_path):
 def test_token_dtype_fits_vocab(data_dir):
     tokens, meta = open_split(data_dir, "train")
     assert tokens.dtype == np.uint16 and int(tokens.max()) < meta["vocab_size"]
+
+
+def test_reusing_an_existing_tokenizer(data_dir, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 50)
+    run_dir = tmp_path / "out" / "data" / "r"
+    metrics = run(make_cfg("data", run_dir, [*TINY, "corpus=local", f"corpus.path={docs}", "corpus.extensions=[.txt]",
+                                             "tokenizer=hf_pretrained",
+                                             f"tokenizer.name_or_path={data_dir / 'tokenizer'}"]))
+    assert metrics["data/vocab_size"] == json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert (tmp_path / "out" / "data" / "latest").resolve() == run_dir.resolve()
+
+
+def test_multirun_from_the_cli(tmp_path):
+    from conftest import cli
+
+    out = cli("lifecycle.data", "-m", f"paths.output_root={tmp_path}", "logger=none", "corpus.max_bytes=100000",
+              "tokenizer.vocab_size=300,400", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metas = sorted(tmp_path.glob("data/multirun/*/*/meta.json"))
+    assert [json.loads(m.read_text())["vocab_size"] for m in metas] == [300, 400]
+    assert (tmp_path / "data" / "latest").resolve() == metas[-1].parent.resolve()
