@@ -20,6 +20,7 @@ import logging
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from lifecycle.data.tokenizer import train_bpe  # noqa: E402
 from lifecycle.hardware import measure_peak_flops, model_flops_per_token  # noqa: E402
+from lifecycle.training.callbacks import Throughput  # noqa: E402
 from lifecycle.training.datamodule import Windows  # noqa: E402
 from lifecycle.training.module import IGNORE, CausalLM, weight_decay_groups  # noqa: E402
 from lifecycle.training.schedule import warmup_cosine  # noqa: E402
@@ -100,9 +102,13 @@ class StepTimer(Callback):
 def run_ours(args, batches, ids) -> tuple[list[float], list[float]]:
     module = CausalLM(build_model(args, ids), OPTIMIZER, scheduler_partial(args))
     timer = StepTimer()
+    # The stage's own per-step accounting (tokens/s, MFU, metrics.jsonl) is part of "our step" and is timed too.
+    history = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    throughput = Throughput(args.flops_per_token, args.peak_flops, history)
     trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+                      gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
+                      callbacks=[timer, throughput])
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.ends, timer.losses
 
@@ -158,6 +164,7 @@ def main() -> None:
     fpt, n_params = model_flops_per_token(probe, args.seq_len), sum(q.numel() for q in probe.parameters())
     del probe
     peak = measure_peak_flops(torch.device("cpu"))
+    args.flops_per_token, args.peak_flops = fpt, peak
     runs = {"ours": [], "raw": []}
     for r in range(args.rounds):
         for name, fn in (("ours", run_ours), ("raw", run_raw)):

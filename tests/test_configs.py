@@ -76,3 +76,15 @@ def test_every_yaml_opens_with_a_comment():
     for path in CONF.rglob("*.yaml"):
         first = path.read_text().lstrip().splitlines()[0]
         assert first.startswith("#"), f"{path} should open with a comment saying what it is"
+
+
+@pytest.mark.parametrize("sweep", sorted((CONF.parent / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_files_name_real_overrides(sweep, tmp_path):
+    import yaml
+
+    spec = yaml.safe_load(sweep.read_text())
+    stage = spec["command"][1]
+    assert spec["command"][0] == "lifecycle" and stage in STAGES
+    for key, values in spec["parameters"].items():
+        value = values.get("value", (values.get("values") or [values.get("min")])[0])
+        validate(make_cfg(stage, tmp_path / stage / "run", [f"{key}={value}"]), stage)
