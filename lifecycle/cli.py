@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 
-from lifecycle import STAGES
+from lifecycle import CONF_DIR, STAGES
 from lifecycle.errors import LifecycleError
 
 USAGE = f"""usage: lifecycle <stage> [hydra overrides] [--help | --cfg job | -m ...]
@@ -29,6 +30,20 @@ def main() -> None:
     # exec, not import: the stage then runs as `python -m lifecycle.<stage>`, which is also the command
     # Lightning re-launches for each DDP rank.
     os.execv(sys.executable, [sys.executable, "-m", f"lifecycle.{stage}", *sys.argv[2:]])
+
+
+def stage_entry(stage: str):
+    """The Hydra app of a stage: compose conf/<stage>.yaml, validate it in seconds, then import and run the stage."""
+    import hydra
+
+    from lifecycle.config import validate
+
+    @hydra.main(config_path=CONF_DIR, config_name=stage, version_base="1.3")
+    @guarded
+    def main(cfg):
+        validate(cfg, stage)  # before the stage's heavy imports (Lightning, transformers)
+        return importlib.import_module(f"lifecycle.{stage}.stage").run(cfg)
+    return main
 
 
 def guarded(task):
