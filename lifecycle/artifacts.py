@@ -109,3 +109,8 @@ def read_manifest(run_dir: str | Path, expect_stage: str) -> dict:
     if manifest.get("stage") != expect_stage:
         raise LifecycleError(f"{run_dir}: is a `{manifest.get('stage')}` run, expected `{expect_stage}`")
     return manifest
+
+
+def config_digest(config: dict) -> str:
+    """A short stable hash of plain config data (keys sorted), for cache keys."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

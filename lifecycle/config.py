@@ -126,23 +126,42 @@ class SamplesSchema:
         _require(self.top_k >= 0, "samples.top_k", "must be >= 0 (0 = off)")
 
 
-class CorpusSource(Enum):
-    stdlib = "stdlib"
-    local = "local"
+@dataclass
+class DecontamSchema:
+    references: list[str] = field(default_factory=list)
+    ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.ngram >= 5, "decontam.ngram", f"must be >= 5 words (short n-grams match everything), got {self.ngram}")
 
 
 @dataclass
-class CorpusSchema:
-    source: CorpusSource = CorpusSource.stdlib
-    path: Optional[str] = None
-    extensions: list[str] = field(default_factory=lambda: [".py"])
-    max_bytes: Optional[int] = None
+class InstructSchema:
+    from_code: bool = True
+    files: list[str] = field(default_factory=list)
+    min_body_lines: int = 3
+    max_chars: int = 2000
+    val_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        _require(self.source != CorpusSource.local or bool(self.path), "corpus.path",
-                 "is required with corpus=local: set corpus.path=/your/docs (a directory or a glob)")
-        _require(self.max_bytes is None or self.max_bytes > 0, "corpus.max_bytes", "must be > 0 or null")
-        _require(bool(self.extensions), "corpus.extensions", "must list at least one extension, e.g. [.txt]")
+        _require(0 <= self.val_fraction < 1, "instruct.val_fraction", "must be in [0, 1)")
+        _require(self.min_body_lines >= 1 and self.max_chars >= 64, "instruct",
+                 "min_body_lines must be >= 1 and max_chars >= 64")
+
+
+@dataclass
+class DataSettingsSchema:
+    """The data stage's own top-level settings."""
+    workers: int = 2
+    max_bytes: Optional[int] = None
+    cache_dir: str = "outputs/data/.cache"
+    exact_dedup: bool = True
+    val_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        _require(self.max_bytes is None or self.max_bytes > 0, "max_bytes", "must be > 0 or null")
+        _require(0 < self.val_fraction <= 0.5, "val_fraction", f"must be in (0, 0.5], got {self.val_fraction}")
 
 
 class TokenizerKind(Enum):
@@ -174,9 +193,12 @@ class PrecisionSchema:
         _require(self.value in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}; got {self.value!r}")
 
 
-# What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable).
-STAGE_NODES: dict[str, dict[str, Optional[type]]] = {
-    "data": {"corpus": CorpusSchema, "tokenizer": TokenizerSchema, "logger": None},
+# What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable;
+# TARGETS: a non-empty mapping whose every entry is such a node; ROOT: the schema of the stage's top-level settings).
+TARGETS, OPTIONAL_TARGETS, ROOT = "targets", "optional targets", "."
+STAGE_NODES: dict[str, dict[str, Any]] = {
+    "data": {ROOT: DataSettingsSchema, "sources": TARGETS, "steps": OPTIONAL_TARGETS, "dedup": None,
+             "tokenizer": TokenizerSchema, "decontam": DecontamSchema, "instruct": InstructSchema, "logger": None},
     # Order matters: a node is checked before the nodes that interpolate it (scheduler reads trainer.max_steps).
     "pretrain": {"trainer": TrainerSchema, "data": DataModuleSchema, "model": None, "strategy": None,
                  "precision": PrecisionSchema, "optimizer": OptimizerSchema, "scheduler": SchedulerSchema,
@@ -193,22 +215,33 @@ def validate(cfg: DictConfig, stage: str) -> None:
             raise ConfigError(f"{k}: secrets do not belong in the config (it is written to disk and to W&B); "
                               "pass them through the environment, e.g. WANDB_API_KEY")
     for key, schema in STAGE_NODES[stage].items():
-        try:
-            node = cfg[key]
-            missing = sorted(f"{key}.{k}" for k in OmegaConf.missing_keys(node))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{getattr(e, 'full_key', None) or key}: {str(e).splitlines()[0]}") from None
-        if missing:
-            raise ConfigError(f"{missing[0]} is required (it is '???'): set it on the command line, "
-                              f"e.g. {missing[0]}=<value>")
-        try:
-            values = OmegaConf.to_container(node, resolve=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{key}: cannot resolve {e}") from None
-        if schema is not None:
-            _check_schema(key, schema, values)
-        elif isinstance(values, dict) and isinstance(values.get("_target_"), str):
-            _check_target(key, values)
+        if key == ROOT:
+            _check_schema("settings", schema, {f: cfg[f] for f in schema.__dataclass_fields__})
+            continue
+        if schema in (TARGETS, OPTIONAL_TARGETS):
+            if not cfg[key] and schema == TARGETS:
+                raise ConfigError(f"{key}: none selected; pick at least one, e.g. {key[:-1]}=[stdlib]")
+            for name in cfg[key]:
+                _check_node(f"{key}.{name}", cfg[key][name], None)
+            continue
+        _check_node(key, cfg[key], schema)
+
+
+def _check_node(key: str, node: Any, schema: Optional[type]) -> None:
+    if node is None:
+        return
+    try:
+        missing = sorted(f"{key}.{k}" for k in OmegaConf.missing_keys(node))
+        values = OmegaConf.to_container(node, resolve=True) if not missing else None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or key}: {str(e).splitlines()[0]}") from None
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (it is '???'): set it on the command line, "
+                          f"e.g. {missing[0]}=<value>")
+    if schema is not None:
+        _check_schema(key, schema, values)
+    elif isinstance(values, dict) and isinstance(values.get("_target_"), str):
+        _check_target(key, values)
 
 
 def _check_schema(key: str, schema: type, values: Any) -> None:

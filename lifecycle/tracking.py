@@ -45,14 +45,14 @@ def run_id(logger) -> str | None:
     return getattr(exp, "id", None)
 
 
-def log_model_artifact(logger, model_dir: Path, name: str, metadata: dict) -> None:
-    """Log the saved model directory as a W&B artifact (type `model`), when the logger asks for it."""
+def log_dir_artifact(logger, directory: Path, name: str, kind: str, metadata: dict) -> None:
+    """Log a directory (model, tokenizer, dataset) as a W&B artifact of type `kind`, when the logger asks for it."""
     if type(logger).__name__ != "WandbLogger" or not getattr(logger, "lifecycle_log_model", False):
         return
     import wandb
 
-    artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
-    artifact.add_dir(str(model_dir))
+    artifact = wandb.Artifact(name=name, type=kind, metadata=metadata)
+    artifact.add_dir(str(directory))
     logger.experiment.log_artifact(artifact)
 
 

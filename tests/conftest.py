@@ -17,7 +17,7 @@ from lifecycle import CONF_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tiny but real: the smoke recipe, 2 layers of width 64, a 1,024-token vocabulary.
-TINY = ["experiment=smoke", "logger=none", "corpus.max_bytes=400000"]
+TINY = ["experiment=smoke", "logger=none", "max_bytes=400000"]
 
 
 def make_cfg(name: str, run_dir: Path, overrides: list[str] = ()):
@@ -41,3 +41,8 @@ def data_dir(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("outputs") / "data" / "run0"
     run(make_cfg("data", run_dir, TINY))
     return run_dir
+
+
+def data_cfg(tmp_path: Path, *overrides: str, run: str = "r"):
+    """A tiny data-stage config writing under tmp_path/out, with its own cache."""
+    return make_cfg("data", tmp_path / "out" / "data" / run, [*TINY, *overrides])

@@ -15,7 +15,8 @@ from conftest import make_cfg
 CONF = Path(CONF_DIR)
 EXPERIMENTS = [None] + sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 NEEDS_VALUE = {"model": {"hf_pretrained": ["model.name_or_path=/some/model"]},
-               "corpus": {"local": ["corpus.path=/some/docs"]},
+               "source": {"files": ["sources.files.path=/some/docs"], "jsonl": ["sources.jsonl.path=/some/x.jsonl"],
+                          "hf_dataset": ["sources.hf_dataset.path=/some/dataset"]},
                "tokenizer": {"hf_pretrained": ["tokenizer.name_or_path=/some/tok"]}}
 
 
@@ -56,11 +57,20 @@ def test_every_pretrain_group_option_composes(group, tmp_path):
         validate(cfg, "pretrain")
 
 
-@pytest.mark.parametrize("group", ["corpus", "tokenizer"])
+@pytest.mark.parametrize("group", ["source", "step", "dedup", "tokenizer"])
 def test_every_data_group_option_composes(group, tmp_path):
     for option in options(group):
         extra = NEEDS_VALUE.get(group, {}).get(option, [])
-        validate(make_cfg("data", tmp_path / "data" / option, [f"{group}={option}", *extra]), "data")
+        choice = f"{group}=[{option}]" if group in ("source", "step") else f"{group}={option}"
+        validate(make_cfg("data", tmp_path / "data" / option, [choice, *extra]), "data")
+
+
+def test_data_steps_instantiate_in_order(tmp_path):
+    cfg = make_cfg("data", tmp_path / "data" / "r")
+    steps = [instantiate(node) for node in cfg.steps.values()]
+    assert [s.name for s in steps] == list(cfg.steps) == ["clean", "code", "gopher", "blocklist", "pii"]
+    sources = {name: instantiate(node, name=name) for name, node in cfg.sources.items()}
+    assert list(sources) == ["stdlib"]
 
 
 def test_slurm_launcher_composes():

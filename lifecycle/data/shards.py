@@ -17,21 +17,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def write_split(path: Path, texts: Iterable[str], tokenizer, dtype: np.dtype) -> int:
-    """Tokenize `texts` in batches, EOS after each document, and write them to `path` atomically."""
+def write_split(path: Path, docs: Iterable, tokenizer, dtype: np.dtype, profile=None) -> int:
+    """Tokenize documents in batches, EOS after each, append to `path` (atomically renamed at the end);
+    memory stays bounded by one batch whatever the corpus size."""
     eos = tokenizer.eos_token_id
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n_tokens, batch = 0, []
     with open(tmp, "wb") as f:
         def flush():
             nonlocal n_tokens
-            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False, verbose=False)["input_ids"]
+            for doc, ids in zip(batch, encoded):
                 arr = np.asarray([*ids, eos], dtype=dtype)
                 arr.tofile(f)
                 n_tokens += arr.size
+                if profile is not None:
+                    profile.add(doc.kind, len(doc.text), arr[:-1].astype(np.int64))
             batch.clear()
-        for text in texts:
-            batch.append(text)
+        for doc in docs:
+            batch.append(doc)
             if len(batch) == BATCH_DOCS:
                 flush()
         if batch:

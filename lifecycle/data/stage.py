@@ -1,70 +1,135 @@
-"""`lifecycle data`: read the corpus, train or load a tokenizer, write packed train/val token shards."""
+"""`lifecycle data`: sources -> clean/filter/scrub (parallel, cached) -> dedup/decontam -> tokenizer -> shards."""
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lifecycle import artifacts, tracking
-from lifecycle.config import resolved, validate
-from lifecycle.data.corpus import corpus_digest, corpus_files, is_validation, read_documents
+from lifecycle.config import build, resolved, validate
+from lifecycle.data import instruct
+from lifecycle.data.corpus_writer import read_shards
+from lifecycle.data.decontam import Decontaminator
+from lifecycle.data.document import Skips
+from lifecycle.data.process import Job, Worker, cache_key, init_worker, run_job
+from lifecycle.data.profile import Profile
+from lifecycle.data.progress import progress
+from lifecycle.data.report import Report
+from lifecycle.data.select import select
 from lifecycle.data.shards import token_dtype, write_split
 from lifecycle.data.tokenizer import load_pretrained, train_bpe
 from lifecycle.errors import DataError
 
+STAGE = "data"
+
 
 def run(cfg: DictConfig) -> dict:
-    validate(cfg, "data")
-    started = time.time()
-    config = resolved(cfg)
+    validate(cfg, STAGE)
+    started, config = time.time(), resolved(cfg)
     run_dir = artifacts.start_run(cfg.paths.run_dir, config)
+    report = Report()
 
-    root, files = corpus_files(cfg.corpus.source, cfg.corpus.path, list(cfg.corpus.extensions))
-    docs = list(read_documents(root, files, cfg.corpus.max_bytes))
-    if not docs:
-        raise DataError(f"corpus {root}: every file is empty; point corpus.path at files with text in them")
-    val = [d for d in docs if is_validation(d, cfg.val_fraction)] or docs[-1:]
-    val_ids = {d.id for d in val}
-    train = [d for d in docs if d.id not in val_ids]
-    if not train:
-        raise DataError(f"corpus {root}: only {len(docs)} document(s), none left for training; add documents")
+    sources = {name: build(node, name=name) for name, node in cfg.sources.items()}
+    steps = [build(node) for node in cfg.steps.values()]
+    near = build(cfg.dedup) if cfg.dedup else None
+    jobs = _plan(sources, cfg, artifacts.config_digest({k: config[k] for k in ("steps", "dedup")}), report)
+    with report.phase("process"):
+        results = _process(jobs, Worker(sources, steps, near), cfg.workers)
+    report.add_units(results)
+    artifacts.write_json(run_dir / "report.json", report.to_dict())  # rewritten at the end; here for failures
+    if not report.docs_out:
+        raise DataError(f"no documents survived reading and filtering ({report.docs_in} read from "
+                        f"{len(jobs)} units); see {run_dir / 'report.json'} for the reasons")
 
-    if cfg.tokenizer.kind == "bpe":
-        tokenizer = train_bpe((d.text for d in train), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-    else:
-        tokenizer = load_pretrained(cfg.tokenizer.name_or_path)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    exact = _exact() if cfg.exact_dedup else None
+    decontam = Decontaminator(cfg.decontam.references, cfg.decontam.ngram)
+    collector = instruct.CodeCollector(cfg.instruct.min_body_lines, cfg.instruct.max_chars) \
+        if cfg.instruct.from_code else None
+    with report.phase("dedup"):
+        selected = select([j.out for j in jobs], exact, near, decontam if decontam.active else None,
+                          cfg.val_fraction, run_dir / "clean", collector)
+    report.add_selection(selected)
+    if not selected["docs"]["train"] or not selected["docs"]["val"]:
+        raise DataError(f"after deduplication {selected['docs']} documents are left; a tokenizer and both "
+                        "splits need at least one each: add documents or raise val_fraction")
 
-    dtype = token_dtype(len(tokenizer))
-    train_tokens = write_split(run_dir / "train.bin", (d.text for d in train), tokenizer, dtype)
-    val_tokens = write_split(run_dir / "val.bin", (d.text for d in val), tokenizer, dtype)
-    n_bytes = sum(len(d.text.encode()) for d in docs)
-    metrics = {
-        "data/documents": len(docs), "data/val_documents": len(val), "data/bytes": n_bytes,
-        "data/train_tokens": train_tokens, "data/val_tokens": val_tokens, "data/vocab_size": len(tokenizer),
-        "data/bytes_per_token": round(n_bytes / max(1, train_tokens + val_tokens), 4),
-        "data/seconds": round(time.time() - started, 2),
-    }
+    with report.phase("tokenizer"):
+        tokenizer = _tokenizer(cfg, read_shards(selected["paths"]["train"]))
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    report.vocab_size = len(tokenizer)
+    profile, dtype, tokens = Profile(len(tokenizer)), token_dtype(len(tokenizer)), {}
+    with report.phase("tokenize"):
+        for split in ("train", "val"):
+            docs = read_shards(selected["paths"][split])
+            tokens[split] = write_split(run_dir / f"{split}.bin", docs, tokenizer, dtype,
+                                        profile if split == "train" else None)
+    report.tokens = tokens
+    report.instruct = _instruct(cfg, collector, run_dir / "instruct", report.read_skips)
+
     meta = {"dtype": dtype.name, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "train_tokens": train_tokens, "val_tokens": val_tokens, "bytes": n_bytes,
-            "val_document_ids": sorted(val_ids)}
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"], "documents": selected["docs"]}
     artifacts.write_json(run_dir / "meta.json", meta)
+    artifacts.write_json(run_dir / "profile.json", profile.to_dict())
+    artifacts.write_json(run_dir / "report.json", report.to_dict())
+    metrics = report.metrics(time.time() - started)
 
-    logger = tracking.make_logger(cfg.logger, run_dir, "data", cfg.name, config)
+    logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
     if logger is not None:
         logger.log_metrics(metrics)
-    inputs = {"corpus": {"path": str(root), "hash": corpus_digest(docs), "files": len(files)}}
-    artifacts.finish_run(run_dir, "data", inputs, metrics, config, started, tracking.run_id(logger))
+        report.log_tables(logger)
+        tracking.log_dir_artifact(logger, run_dir / "tokenizer", f"tokenizer-{cfg.name}", "tokenizer", meta)
+        tracking.log_dir_artifact(logger, run_dir / "clean", f"dataset-{cfg.name}", "dataset", metrics)
+    inputs = {name: {"units": [[k, fp] for (s, k, fp) in report.units if s == name]} for name in sources}
+    artifacts.finish_run(run_dir, STAGE, inputs, metrics, config, started, tracking.run_id(logger))
     tracking.finish(logger)
-    _print_summary(run_dir, metrics)
+    report.print_summary(run_dir)
     return metrics
 
 
-def _print_summary(run_dir: Path, metrics: dict) -> None:
-    from rich.console import Console
+def _plan(sources: dict, cfg: DictConfig, settings: str, report: Report) -> list[Job]:
+    """Every unit of every source, up to max_bytes, each with its cache location."""
+    jobs, listed = [], 0
+    for name, source in sources.items():
+        for key, fingerprint in source.units():
+            size = Path(key).stat().st_size if Path(key).is_file() else 0
+            if cfg.max_bytes is not None and listed >= cfg.max_bytes:
+                break
+            listed += size
+            out = Path(cfg.cache_dir) / name / cache_key(name, key, fingerprint, settings)
+            jobs.append(Job(name, key, fingerprint, out))
+            report.units.append((name, key, fingerprint))
+    return jobs
 
-    Console().print(f"[bold green]data[/] {metrics['data/documents']} documents, "
-                    f"{metrics['data/train_tokens']:,} train / {metrics['data/val_tokens']:,} val tokens, "
-                    f"vocab {metrics['data/vocab_size']:,} -> {run_dir}")
+
+def _process(jobs: list[Job], worker: Worker, workers: int) -> list[dict]:
+    if workers <= 1:
+        init_worker(worker)
+        return [r for r in progress(map(run_job, jobs), len(jobs), "process")]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, initializer=init_worker, initargs=(worker,)) as pool:
+        return list(progress(pool.imap(run_job, jobs, chunksize=4), len(jobs), "process"))
+
+
+def _exact():
+    from lifecycle.data.dedup import ExactDuplicates
+
+    return ExactDuplicates()
+
+
+def _tokenizer(cfg: DictConfig, docs):
+    if cfg.tokenizer.kind == "bpe":
+        return train_bpe((d.text for d in docs), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    return load_pretrained(cfg.tokenizer.name_or_path)
+
+
+def _instruct(cfg: DictConfig, collector, out_dir: Path, skips: Skips) -> dict:
+    """Write instruct/train.jsonl and val.jsonl from the corpus's code and the listed instruction files."""
+    records = list(collector.records) if collector is not None else []
+    for path in cfg.instruct.files:
+        records.extend(instruct.read_jsonl(Path(path).expanduser(), skips))
+    train, val = instruct.split(records, cfg.instruct.val_fraction)
+    return {"train": instruct.write_jsonl(out_dir / "train.jsonl", train),
+            "val": instruct.write_jsonl(out_dir / "val.jsonl", val)}

@@ -33,9 +33,23 @@ def test_bad_pretrain_override_names_key(override, words, tmp_path):
         assert w in str(err.value), str(err.value)
 
 
-def test_local_corpus_without_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"corpus.path.*required"):
-        validate(make_cfg("data", tmp_path / "data" / "run", ["corpus=local"]), "data")
+def test_files_source_without_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"sources.files.path is required"):
+        validate(make_cfg("data", tmp_path / "data" / "run", ["source=[files]"]), "data")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("workers=0", ["workers", ">= 1"]),
+    ("val_fraction=0.9", ["val_fraction", "(0, 0.5]"]),
+    ("+sources.stdlib.includ_docstrings=true", ["sources.stdlib.includ_docstrings", "unknown key"]),
+    ("source=[]", ["sources", "none selected"]),
+    ("decontam.ngram=2", ["decontam.ngram", ">= 5"]),
+])
+def test_bad_data_override_names_key(override, words, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg("data", tmp_path / "data" / "run", [override]), "data")
+    for w in words:
+        assert w in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -1,0 +1,384 @@
+"""Data pipeline throughput and dedup quality: ours (filters + exact + MinHash LSH) against datasketch and datatrove.
+
+One corpus of stdlib source chunks (code, docstrings stripped) and packed docstrings (prose), cleared of natural
+duplicates, gets planted copies of known originals: exact (case and whitespace changed) and near (1%, 2%, 3% of the
+words substituted, deleted or inserted). In alternating rounds in one run, each peer deduplicates it with the same
+word shingles and the same LSH bands x rows (conf/dedup/minhash.yaml unless overridden):
+  ours        lifecycle's steps from conf/step/*.yaml (in conf/data.yaml's order; skipped if not importable), then
+              ExactDuplicates and NearDuplicates, signatures and steps in --workers processes;
+  ours-dedup  the same without the steps;
+  datasketch  the textbook way: lowercase split, MinHash.bulk of the shingle set, MinHashLSH query, then insert;
+  datatrove   its 4-stage MinHash pipeline (LocalPipelineExecutor, --workers workers), run by --datatrove-python
+              (a separate venv: datatrove is no project dependency) on the corpus written as JSONL.
+Reported per peer: median wall seconds, MB/s, MB/s per core (cores = its processes, at most the CPUs), precision and
+recall on the planted pairs (a pair counts once either copy is removed; any other removal is a false positive).
+Goal: ours >= 1x the fastest peer's MB/s per core with recall within 1 point. Figures: benchmarks/results/data_pipeline.json.
+
+    python benchmarks/data_pipeline.py --mb 8 --rounds 2
+    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 datatrove spacy   # for datatrove
+"""
+from __future__ import annotations
+
+# Only the standard library at module level: datatrove's workers re-import this file inside /tmp/benchvenv.
+import argparse
+import gzip
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCSTRING = re.compile(r'"""(.*?)"""', re.DOTALL)
+WORD = re.compile(r"(\S+)(\s*)")
+LEVELS = ("exact", 0.01, 0.02, 0.03)
+CHUNK_CHARS = 3000  # code documents: consecutive blocks of a file up to this size
+
+
+# ---- corpus -------------------------------------------------------------------------------------------------------
+
+def stdlib_documents(limit: int) -> list[tuple[str, str]]:
+    """(kind, text) pairs up to `limit` bytes: code chunks without docstrings, and docstrings packed to >= 200 words."""
+    docs, size, pack = [], 0, []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for match in DOCSTRING.finditer(text):
+            pack.append(match.group(1).strip())
+            if sum(len(p.split()) for p in pack) >= 200:
+                docs.append(("prose", "\n\n".join(pack)))
+                size += len(docs[-1][1].encode())
+                pack = []
+        chunk = ""
+        for block in [*DOCSTRING.sub('""""""', text).split("\n\n"), None]:
+            if len(chunk) > 200 and (block is None or len(chunk) + len(block) > CHUNK_CHARS):
+                docs.append(("code", chunk))
+                size += len(chunk.encode())
+                chunk = ""
+            chunk += f"{block}\n\n" if block is not None else ""
+        if size >= limit:
+            break
+    return docs
+
+
+def distinct(docs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop exact duplicates and documents with estimated 5-gram Jaccard >= 0.5 to an earlier one (stdlib has some)."""
+    from lifecycle.data.dedup import ExactDuplicates, NearDuplicates
+    exact, near = ExactDuplicates(), NearDuplicates(5, 128, 0.5, bands=32, rows=4, seed=7)
+    return [(kind, text) for i, (kind, text) in enumerate(docs)
+            if exact.seen(str(i), text) is None and near.seen(str(i), near.signature(text)) is None]
+
+
+def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
+    """`rate` of the words substituted, deleted or inserted, the whitespace between words kept."""
+    words = WORD.findall(text)
+    for _ in range(max(1, round(rate * len(words)))):
+        i, op = rng.randrange(len(words)), rng.randrange(3)
+        if op == 0:
+            words[i] = (rng.choice(vocab), words[i][1])
+        elif op == 1 and len(words) > 1:
+            del words[i]
+        else:
+            words.insert(i, (rng.choice(vocab), " "))
+    return "".join(w + s for w, s in words)
+
+
+def restyle(text: str, rng: random.Random) -> str:
+    """The same text in another case, with doubled spaces and an extra blank line: an exact duplicate once normalised."""
+    text = text.upper() if rng.random() < 0.5 else text.swapcase()
+    return "\n" + text.replace(" ", "  ") + "\n\n"
+
+
+def build_corpus(mb: float, planted: float, seed: int) -> tuple[list[dict], list[tuple[str, str, str]], dict]:
+    """Documents (id, text, kind) in order and the planted (original id, copy id, level) pairs."""
+    rng = random.Random(seed)
+    raw = stdlib_documents(int(mb * 1e6 / (1 + planted)))
+    bases = distinct(raw)
+    vocab = sorted({w for _, text in bases[:500] for w in text.split()})
+    docs = [{"id": f"doc{i:06d}", "text": text, "kind": kind} for i, (kind, text) in enumerate(bases)]
+    originals = rng.sample(range(len(docs)), int(planted * len(docs)))
+    pairs, inserts = [], []
+    for n, i in enumerate(originals):
+        level = LEVELS[n % len(LEVELS)]
+        text = docs[i]["text"]
+        copy = restyle(text, rng) if level == "exact" else edit(text, level, vocab, rng)
+        copy_id = f"copy{n:06d}"
+        pairs.append((docs[i]["id"], copy_id, str(level)))
+        inserts.append((rng.randrange(i + 1, len(docs) + 1), {"id": copy_id, "text": copy, "kind": docs[i]["kind"]}))
+    for position, doc in sorted(inserts, key=lambda x: -x[0]):  # from the back, so earlier positions stay valid
+        docs.insert(position, doc)
+    stats = {"documents": len(docs), "bases_read": len(raw), "bases_kept": len(bases), "planted_pairs": len(pairs),
+             "bytes": sum(len(d["text"].encode()) for d in docs)}
+    return docs, pairs, stats
+
+
+# ---- peers --------------------------------------------------------------------------------------------------------
+
+_STEPS, _NEAR = [], None  # set in each worker by _init_worker
+
+
+def _init_worker(steps, near) -> None:
+    global _STEPS, _NEAR
+    _STEPS, _NEAR = steps, near
+
+
+def _process(doc):
+    """In a worker: the steps, then the signature; text None = dropped by a step."""
+    from lifecycle.data.document import Drop
+    for step in _STEPS:
+        doc = step(doc)
+        if isinstance(doc, Drop):
+            return None, None
+    return doc.text, _NEAR.signature(doc.text)
+
+
+def load_steps() -> tuple[list, str]:
+    """The steps of conf/data.yaml's `step` list, instantiated; an empty list and a note if they cannot be."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    names = next(d["step"] for d in OmegaConf.load(ROOT / "conf" / "data.yaml").defaults if "step" in d)
+    try:
+        return [instantiate(OmegaConf.load(ROOT / "conf" / "step" / f"{n}.yaml")) for n in names], ",".join(names)
+    except Exception as err:  # another engineer's modules may not exist yet
+        print(f"note: filter steps skipped ({type(err).__name__}: {err})")
+        return [], "none"
+
+
+def run_ours(docs: list[dict], steps: list, dedup_cfg, workers: int) -> dict:
+    from multiprocessing import Pool
+
+    from hydra.utils import instantiate
+
+    from lifecycle.data.dedup import ExactDuplicates
+    from lifecycle.data.document import Document
+    started = time.perf_counter()
+    near, exact = instantiate(dedup_cfg), ExactDuplicates()
+    documents = [Document(d["id"], d["text"], "stdlib", d["kind"]) for d in docs]
+    removed, dropped = set(), set()
+    with Pool(workers, initializer=_init_worker, initargs=(steps, near)) as pool:
+        for doc, (text, signature) in zip(docs, pool.imap(_process, documents, chunksize=16)):
+            if text is None:
+                dropped.add(doc["id"])
+            elif exact.seen(doc["id"], text) is not None or near.seen(doc["id"], signature) is not None:
+                removed.add(doc["id"])
+    return {"seconds": time.perf_counter() - started, "cores": min(workers + 1, os.cpu_count()),
+            "removed": removed, "dropped": dropped}
+
+
+def run_datasketch(docs: list[dict], dedup_cfg) -> dict:
+    from datasketch import MinHash, MinHashLSH
+    started = time.perf_counter()
+    k = dedup_cfg.shingle_size
+    lsh = MinHashLSH(threshold=dedup_cfg.threshold, num_perm=dedup_cfg.num_perm,
+                     params=(dedup_cfg.bands, dedup_cfg.rows) if dedup_cfg.bands else None)
+
+    def shingles(text):
+        words = text.lower().split()
+        return {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
+
+    removed = set()
+    minhashes = MinHash.generator((shingles(d["text"]) for d in docs), num_perm=dedup_cfg.num_perm,
+                                  seed=dedup_cfg.seed)
+    for doc, minhash in zip(docs, minhashes):
+        if lsh.query(minhash):
+            removed.add(doc["id"])
+        else:
+            lsh.insert(doc["id"], minhash)
+    return {"seconds": time.perf_counter() - started, "cores": 1, "removed": removed, "dropped": set()}
+
+
+def run_datatrove(docs: list[dict], dedup_cfg, workers: int, python: Path) -> dict:
+    """datatrove in its own venv: the corpus as one JSONL file per worker, its timing and removals read back."""
+    with tempfile.TemporaryDirectory(prefix="datatrove-") as tmp:
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        per_file = -(-len(docs) // workers)
+        for w in range(workers):
+            with open(corpus / f"part{w}.jsonl", "w", encoding="utf-8") as f:
+                for d in docs[w * per_file:(w + 1) * per_file]:
+                    f.write(json.dumps({"id": d["id"], "text": d["text"]}) + "\n")
+        cmd = [str(python), __file__, "--datatrove-run", tmp, "--workers", str(workers), "--shingle",
+               str(dedup_cfg.shingle_size), "--bands", str(dedup_cfg.bands), "--rows", str(dedup_cfg.rows),
+               "--seed", str(dedup_cfg.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        if proc.returncode != 0:
+            raise RuntimeError(f"datatrove failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    return {"seconds": result["seconds"], "cores": min(workers, os.cpu_count()), "removed": set(result["removed"]),
+            "dropped": set()}
+
+
+def datatrove_main(tmp: str, workers: int, shingle: int, bands: int, rows: int, seed: int) -> None:
+    """Inside /tmp/benchvenv: datatrove's 4 MinHash stages over tmp/corpus; writes tmp/result.json."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers.jsonl import JsonlWriter
+    out = Path(tmp)
+    config = MinhashConfig(n_grams=shingle, num_buckets=bands, hashes_per_bucket=rows, seed=seed)
+    tasks = len(list((out / "corpus").glob("*.jsonl")))
+
+    def reader():
+        return JsonlReader(str(out / "corpus"), compression=None)
+
+    stages = [
+        ([reader(), MinhashDedupSignature(str(out / "signatures"), config=config)], tasks),
+        ([MinhashDedupBuckets(str(out / "signatures"), str(out / "buckets"), config=config)], bands),
+        ([MinhashDedupCluster(str(out / "buckets"), str(out / "remove_ids"), config=config)], 1),
+        ([reader(), MinhashDedupFilter(str(out / "remove_ids"),
+                                       exclusion_writer=JsonlWriter(str(out / "removed"), compression=None)),
+          JsonlWriter(str(out / "kept"), compression=None)], tasks),
+    ]
+    started = time.perf_counter()
+    for n, (pipeline, stage_tasks) in enumerate(stages):
+        LocalPipelineExecutor(pipeline, tasks=stage_tasks, workers=min(workers, stage_tasks),
+                              logging_dir=str(out / f"logs{n}")).run()
+    seconds = time.perf_counter() - started
+    removed = [json.loads(line)["id"] for f in sorted((out / "removed").glob("*.jsonl")) for line in open(f)]
+    (out / "result.json").write_text(json.dumps({"seconds": seconds, "removed": removed}))
+
+
+# ---- scoring and report -------------------------------------------------------------------------------------------
+
+def score(removed: set[str], dropped: set[str], pairs: list[tuple[str, str, str]]) -> dict:
+    """Precision and recall on the pairs whose members both survived the steps; recall per planted level too."""
+    scored = [(a, b, level) for a, b, level in pairs if a not in dropped and b not in dropped]
+    found = [(a in removed or b in removed, level) for a, b, level in scored]
+    tp = sum(hit for hit, _ in found)
+    levels = {str(level): [hit for hit, lv in found if lv == str(level)] for level in LEVELS}
+    return {"precision": tp / len(removed) if removed else 1.0, "recall": tp / max(1, len(scored)),
+            "false_positives": len(removed) - tp, "pairs_scored": len(scored), "dropped_by_steps": len(dropped),
+            "recall_by_level": {lv: round(sum(h) / len(h), 4) if h else None for lv, h in levels.items()}}
+
+
+def signature_speed(docs: list[dict], dedup_cfg) -> dict:
+    """MB/s of one process computing signatures of ~1 MB: datasketch per-shingle update, update_batch, ours."""
+    from datasketch import MinHash
+    from hydra.utils import instantiate
+
+    from lifecycle.data.dedup import normalize_for_hash
+    texts, size = [], 0
+    while size < 1e6 and len(texts) < len(docs):
+        texts.append(docs[len(texts)]["text"])
+        size += len(texts[-1].encode())
+    near, k, num_perm = instantiate(dedup_cfg), dedup_cfg.shingle_size, dedup_cfg.num_perm
+
+    def grams(text):
+        words = normalize_for_hash(text).split()
+        return [" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))]
+
+    def per_shingle(text):
+        minhash = MinHash(num_perm=num_perm)
+        for gram in grams(text):
+            minhash.update(gram)
+
+    def batch(text):
+        MinHash(num_perm=num_perm).update_batch(grams(text))
+
+    speeds = {}
+    for name, fn in (("datasketch_update", per_shingle), ("datasketch_update_batch", batch), ("ours", near.signature)):
+        started = time.perf_counter()
+        for text in texts:
+            fn(text)
+        speeds[name] = round(size / 1e6 / (time.perf_counter() - started), 3)
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=8.0, help="corpus size, planted copies included")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of ours and datasketch")
+    parser.add_argument("--datatrove-rounds", type=int, default=1, help="rounds of datatrove (slow); 0 = skip")
+    parser.add_argument("--planted", type=float, default=0.1, help="share of originals that get one planted copy")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dedup", nargs="*", default=[], help="overrides of conf/dedup/minhash.yaml, e.g. threshold=0.8")
+    parser.add_argument("--datatrove-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "data_pipeline.json")
+    parser.add_argument("--datatrove-run", help=argparse.SUPPRESS)  # internal: the datatrove side, in its venv
+    parser.add_argument("--shingle", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bands", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.datatrove_run:
+        return datatrove_main(args.datatrove_run, args.workers, args.shingle, args.bands, args.rows, args.seed)
+
+    sys.path.insert(0, str(ROOT))
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    dedup_cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "dedup" / "minhash.yaml"),
+                                OmegaConf.from_dotlist(args.dedup))
+    near = instantiate(dedup_cfg)  # resolves bands x rows when null, so every peer uses the same LSH
+    dedup_cfg.bands, dedup_cfg.rows = near.bands, near.rows
+
+    started = time.perf_counter()
+    docs, pairs, corpus = build_corpus(args.mb, args.planted, args.seed)
+    corpus["build_seconds"] = round(time.perf_counter() - started, 2)
+    mb = corpus["bytes"] / 1e6
+    print(f"corpus: {corpus}")
+    steps, step_names = load_steps()
+    peers = {"ours": lambda: run_ours(docs, steps, dedup_cfg, args.workers),
+             "ours-dedup": lambda: run_ours(docs, [], dedup_cfg, args.workers),
+             "datasketch": lambda: run_datasketch(docs, dedup_cfg),
+             "datatrove": lambda: run_datatrove(docs, dedup_cfg, args.workers, args.datatrove_python)}
+    if not steps:
+        del peers["ours-dedup"]
+    if args.datatrove_rounds and not args.datatrove_python.exists():
+        print(f"note: datatrove skipped: no {args.datatrove_python} (see the module docstring)")
+        args.datatrove_rounds = 0
+    runs = {name: [] for name in peers}
+    for r in range(max(args.rounds, args.datatrove_rounds)):
+        for name, run in peers.items():
+            if r < (args.datatrove_rounds if name == "datatrove" else args.rounds):
+                result = run()
+                runs[name].append(result)
+                print(f"round {r + 1} {name}: {result['seconds']:.2f} s")
+
+    report = {}
+    for name, results in runs.items():
+        if not results:
+            continue
+        seconds = statistics.median(r["seconds"] for r in results)
+        last = results[-1]
+        report[name] = {"seconds": round(seconds, 3), "rounds": [round(r["seconds"], 3) for r in results],
+                        "cores": last["cores"], "mb_per_s": round(mb / seconds, 3),
+                        "mb_per_s_per_core": round(mb / seconds / last["cores"], 3),
+                        **score(last["removed"], last["dropped"], pairs)}
+    speeds = signature_speed(docs, dedup_cfg)
+    print_table(report, mb)
+    print(f"signatures alone, 1 process, MB/s: {speeds}")
+    peer_best = max((v["mb_per_s_per_core"], k) for k, v in report.items() if not k.startswith("ours"))
+    goal = {"fastest_peer": peer_best[1],
+            "ours_over_fastest_per_core": round(report["ours"]["mb_per_s_per_core"] / peer_best[0], 3),
+            "recall_points_vs_best_peer": round(100 * (report["ours"]["recall"] - max(
+                v["recall"] for k, v in report.items() if not k.startswith("ours"))), 2)}
+    print(f"goal (>= 1x, >= -1 point): {goal}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "config": {"mb": args.mb, "rounds": args.rounds, "datatrove_rounds": args.datatrove_rounds,
+                   "planted": args.planted, "workers": args.workers, "seed": args.seed, "steps": step_names,
+                   "dedup": OmegaConf.to_container(dedup_cfg), "cpus": os.cpu_count()},
+        "corpus": corpus, "peers": report, "signature_mb_per_s": speeds, "goal": goal}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+def print_table(report: dict, mb: float) -> None:
+    levels = [str(lv) for lv in LEVELS]
+    print(f"\n{mb:.2f} MB; recall by planted level: {', '.join(levels)}")
+    print(f"{'peer':<11} {'cores':>5} {'seconds':>8} {'MB/s':>7} {'MB/s/core':>9} {'precision':>9} {'recall':>7}  by level")
+    for name, r in report.items():
+        by_level = " ".join(f"{r['recall_by_level'][lv]:.3f}" if r["recall_by_level"][lv] is not None else "-"
+                            for lv in levels)
+        print(f"{name:<11} {r['cores']:>5} {r['seconds']:>8.2f} {r['mb_per_s']:>7.2f} {r['mb_per_s_per_core']:>9.2f} "
+              f"{r['precision']:>9.4f} {r['recall']:>7.4f}  {by_level}")
+
+
+if __name__ == "__main__":
+    main()

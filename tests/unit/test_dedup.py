@@ -1,0 +1,147 @@
+"""Deduplication: precision and recall of MinHash LSH on planted near duplicates, exact variants, config errors, order."""
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import sysconfig
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lifecycle import CONF_DIR
+from lifecycle.data.dedup import ExactDuplicates, NearDuplicates, exact_key, normalize_for_hash
+from lifecycle.errors import ConfigError
+
+DOCSTRING = re.compile(r'"""(.*?)"""', re.DOTALL)
+N_DOCS = 300
+
+
+def shingle_set(text: str) -> set[tuple[str, ...]]:
+    words = normalize_for_hash(text).split()
+    return set(zip(*(words[i:] for i in range(5))))
+
+
+@pytest.fixture(scope="module")
+def prose() -> list[str]:
+    """300 distinct documents of >= 200 words: consecutive stdlib docstrings, no pair with 5-gram Jaccard >= 0.5."""
+    packs, pack = [], []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for match in DOCSTRING.finditer(path.read_text(encoding="utf-8", errors="replace")):
+            if len(match.group(1).split()) >= 30:
+                pack.append(match.group(1).strip())
+                if sum(len(p.split()) for p in pack) >= 200:
+                    packs.append("\n\n".join(pack))
+                    pack = []
+    docs, owners = [], defaultdict(list)  # shingle -> indices of kept docs holding it
+    for text in packs:
+        shingles = shingle_set(text)
+        shared = Counter(j for s in shingles for j in owners[s])
+        if all(n / (len(shingles) + len(docs[j][1]) - n) < 0.5 for j, n in shared.items()):
+            for s in shingles:
+                owners[s].append(len(docs))
+            docs.append((text, shingles))
+    assert len(docs) >= N_DOCS
+    return [text for text, _ in docs[:N_DOCS]]
+
+
+def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
+    """`rate` of the words substituted, deleted or inserted (a third each, at random places)."""
+    words = text.split()
+    for _ in range(max(1, round(rate * len(words)))):
+        i, op = rng.randrange(len(words)), rng.randrange(3)
+        if op == 0:
+            words[i] = rng.choice(vocab)
+        elif op == 1:
+            del words[i]
+        else:
+            words.insert(i, rng.choice(vocab))
+    return " ".join(words)
+
+
+def test_planted_near_duplicates_precision_and_recall(prose):
+    near = instantiate(OmegaConf.load(Path(CONF_DIR) / "dedup" / "minhash.yaml"))  # the shipped defaults
+    assert isinstance(near, NearDuplicates)
+    vocab, rng = sorted({w for text in prose for w in text.split()}), random.Random(0)
+    assert [near.seen(f"base:{i}", near.signature(text)) for i, text in enumerate(prose)] == [None] * N_DOCS
+    recall, flagged, correct = {}, 0, 0
+    for rate in (0.01, 0.02, 0.03):
+        hits = 0
+        for i, text in enumerate(prose):
+            first = near.seen(f"{rate}:{i}", near.signature(edit(text, rate, vocab, rng)))
+            flagged += first is not None
+            # a copy may also match an earlier copy of the same base that was itself missed
+            ok = first in (f"base:{i}", f"0.01:{i}", f"0.02:{i}")
+            hits += ok
+            correct += ok
+        recall[rate] = hits / N_DOCS
+    assert correct == flagged, "a copy was matched to another base"  # precision 1.0
+    assert recall[0.01] >= 0.95 and recall[0.02] >= 0.95, recall
+    assert recall[0.03] >= 0.75, recall
+
+
+def test_candidates_below_threshold_are_not_duplicates(prose):
+    # 64 bands of 2 rows make nearly every 10%-edited copy an LSH candidate; the Jaccard check must reject them all
+    near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=64, rows=2, seed=1)
+    vocab, rng = sorted({w for text in prose for w in text.split()}), random.Random(1)
+    for i, text in enumerate(prose[:100]):
+        near.seen(f"base:{i}", near.signature(text))
+    assert all(near.seen(f"copy:{i}", near.signature(edit(text, 0.10, vocab, rng))) is None
+               for i, text in enumerate(prose[:100]))
+
+
+def test_exact_duplicates_ignore_case_whitespace_and_unicode_form():
+    text = "The quick brown fox\njumps over the lazy dog, twice."
+    variants = ["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG, TWICE.",
+                "  The quick  brown fox\n\n\tjumps over the lazy dog , twice ! ",
+                "The quick brown ｆｏｘ jumps over the lazy dog; twice"]  # fullwidth letters: NFKC
+    exact = ExactDuplicates()
+    assert exact.seen("a", text) is None
+    assert [exact.seen(f"v{i}", v) for i, v in enumerate(variants)] == ["a"] * len(variants)
+    assert exact.seen("b", "The quick brown fox jumps over the lazy cat, twice.") is None
+    assert len(exact_key(text)) == 16 and exact_key(text) != exact_key(text + " again")
+
+
+@pytest.mark.parametrize(("bands", "rows"), [(10, 8), (16, None), (None, 8)])
+def test_bands_and_rows_must_cover_num_perm(bands, rows):
+    with pytest.raises(ConfigError, match="bands.*rows"):
+        NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=bands, rows=rows, seed=1)
+
+
+def test_null_bands_and_rows_let_datasketch_choose():
+    near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.8, bands=None, rows=None, seed=1)
+    assert near.bands >= 2 and near.bands * near.rows <= 128
+
+
+def test_first_in_order_is_kept_and_runs_repeat(prose):
+    vocab, rng = sorted({w for text in prose for w in text.split()}), random.Random(2)
+    docs = [(f"base:{i}", text) for i, text in enumerate(prose[:60])]
+    docs += [(f"copy:{i}", edit(prose[i], 0.01, vocab, rng)) for i in range(0, 60, 2)]
+    random.Random(3).shuffle(docs)
+
+    def kept(order):
+        near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1)
+        return [key for key, text in order if near.seen(key, near.signature(text)) is None]
+
+    first = kept(docs)
+    assert first == kept(docs) and len(first) == 60
+    firsts = {}  # base index -> key of its first appearance
+    for key, _ in docs:
+        firsts.setdefault(key.split(":")[1], key)
+    assert sorted(first) == sorted(firsts.values())
+
+
+def test_signature_is_pure_and_pickles_without_the_index(prose):
+    near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1)
+    signature = near.signature(prose[0])
+    assert signature.dtype == np.uint64 and signature.shape == (128,)
+    assert near.seen("a", signature) is None and near.seen("b", near.signature(prose[0])) == "a"
+    copy = pickle.loads(pickle.dumps(near))
+    assert np.array_equal(copy.signature(prose[0]), signature)
+    assert copy.seen("c", signature) is None  # a fresh, empty index
+    other_seed = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=2)
+    assert not np.array_equal(other_seed.signature(prose[0]), signature)
