@@ -5,23 +5,26 @@ duplicates, gets planted copies of known originals: exact (case and whitespace c
 words substituted, deleted or inserted). In alternating rounds in one run, each peer deduplicates it with the same
 word shingles and the same LSH bands x rows (conf/dedup/minhash.yaml unless overridden):
   ours        lifecycle's steps from conf/step/*.yaml (in conf/data.yaml's order; skipped if not importable), then
-              ExactDuplicates and NearDuplicates, signatures and steps in --workers processes;
-  ours-dedup  the same without the steps;
-  datasketch  the textbook way: lowercase split, MinHash.bulk of the shingle set, MinHashLSH query, then insert;
+              ExactDuplicates and NearDuplicates: steps, exact keys and signatures in --workers forked processes,
+              the LSH in the main one;
+  ours-dedup  the same without the steps; the -1p rows run the same in one process;
+  datasketch  the textbook way: lowercase split, MinHash.generator over shingle sets, MinHashLSH query, insert;
   datatrove   its 4-stage MinHash pipeline (LocalPipelineExecutor, --workers workers), run by --datatrove-python
               (a separate venv: datatrove is no project dependency) on the corpus written as JSONL.
 Reported per peer: median wall seconds, MB/s, MB/s per core (cores = its processes, at most the CPUs), precision and
 recall on the planted pairs (a pair counts once either copy is removed; any other removal is a false positive).
-Goal: ours >= 1x the fastest peer's MB/s per core with recall within 1 point. Figures: benchmarks/results/data_pipeline.json.
+Goal: ours >= 1x the fastest peer's MB/s per core with recall within 1 point.
+Figures go to benchmarks/results/data_pipeline.json.
 
     python benchmarks/data_pipeline.py --mb 8 --rounds 2
-    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 datatrove spacy   # for datatrove
+    # datatrove's venv (0.10.1 also needs these extras; xxhash 4 rejects its str input):
+    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 datatrove spacy regex tokenizers \
+        orjson "xxhash<4"
 """
 from __future__ import annotations
 
 # Only the standard library at module level: datatrove's workers re-import this file inside /tmp/benchvenv.
 import argparse
-import gzip
 import json
 import os
 import random
@@ -89,7 +92,7 @@ def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
 
 
 def restyle(text: str, rng: random.Random) -> str:
-    """The same text in another case, with doubled spaces and an extra blank line: an exact duplicate once normalised."""
+    """The text in another case, spaces doubled, blank lines added: an exact duplicate once normalised."""
     text = text.upper() if rng.random() < 0.5 else text.swapcase()
     return "\n" + text.replace(" ", "  ") + "\n\n"
 
@@ -97,8 +100,14 @@ def restyle(text: str, rng: random.Random) -> str:
 def build_corpus(mb: float, planted: float, seed: int) -> tuple[list[dict], list[tuple[str, str, str]], dict]:
     """Documents (id, text, kind) in order and the planted (original id, copy id, level) pairs."""
     rng = random.Random(seed)
-    raw = stdlib_documents(int(mb * 1e6 / (1 + planted)))
-    bases = distinct(raw)
+    limit = int(mb * 1e6 / (1 + planted))  # the copies add about `planted` of the bytes again
+    raw = stdlib_documents(int(limit * 1.2))
+    bases, size = [], 0
+    for kind, text in distinct(raw):
+        size += len(text.encode())
+        if size > limit:
+            break
+        bases.append((kind, text))
     vocab = sorted({w for _, text in bases[:500] for w in text.split()})
     docs = [{"id": f"doc{i:06d}", "text": text, "kind": kind} for i, (kind, text) in enumerate(bases)]
     originals = rng.sample(range(len(docs)), int(planted * len(docs)))
@@ -112,29 +121,31 @@ def build_corpus(mb: float, planted: float, seed: int) -> tuple[list[dict], list
         inserts.append((rng.randrange(i + 1, len(docs) + 1), {"id": copy_id, "text": copy, "kind": docs[i]["kind"]}))
     for position, doc in sorted(inserts, key=lambda x: -x[0]):  # from the back, so earlier positions stay valid
         docs.insert(position, doc)
-    stats = {"documents": len(docs), "bases_read": len(raw), "bases_kept": len(bases), "planted_pairs": len(pairs),
+    stats = {"documents": len(docs), "bases_read": len(raw), "bases_used": len(bases), "planted_pairs": len(pairs),
              "bytes": sum(len(d["text"].encode()) for d in docs)}
     return docs, pairs, stats
 
 
 # ---- peers --------------------------------------------------------------------------------------------------------
 
-_STEPS, _NEAR = [], None  # set in each worker by _init_worker
+_WORK: tuple = ()  # (documents, steps, near) in each worker, inherited through fork
 
 
-def _init_worker(steps, near) -> None:
-    global _STEPS, _NEAR
-    _STEPS, _NEAR = steps, near
+def _init_worker(documents: list, steps: list, near) -> None:
+    global _WORK
+    _WORK = documents, steps, near
 
 
-def _process(doc):
-    """In a worker: the steps, then the signature; text None = dropped by a step."""
+def _process(i: int) -> tuple[bytes | None, object]:
+    """In a worker: document i through the steps, then its exact key and signature; (None, None) if dropped."""
+    from lifecycle.data.dedup import exact_key
     from lifecycle.data.document import Drop
-    for step in _STEPS:
+    doc, steps, near = _WORK[0][i], _WORK[1], _WORK[2]
+    for step in steps:
         doc = step(doc)
         if isinstance(doc, Drop):
             return None, None
-    return doc.text, _NEAR.signature(doc.text)
+    return exact_key(doc.text), near.signature(doc.text)
 
 
 def load_steps() -> tuple[list, str]:
@@ -149,9 +160,19 @@ def load_steps() -> tuple[list, str]:
         return [], "none"
 
 
-def run_ours(docs: list[dict], steps: list, dedup_cfg, workers: int) -> dict:
-    from multiprocessing import Pool
+def _results(documents: list, steps: list, near, workers: int):
+    """(exact key, signature) per document, in order: in this process (workers=0) or in a pool of workers."""
+    from multiprocessing import get_context
+    if workers == 0:
+        _init_worker(documents, steps, near)
+        yield from map(_process, range(len(documents)))
+        return
+    # fork: the workers inherit the documents (as the stage's workers read their own files); only results travel
+    with get_context("fork").Pool(workers, initializer=_init_worker, initargs=(documents, steps, near)) as pool:
+        yield from pool.imap(_process, range(len(documents)), chunksize=64)
 
+
+def run_ours(docs: list[dict], steps: list, dedup_cfg, workers: int) -> dict:
     from hydra.utils import instantiate
 
     from lifecycle.data.dedup import ExactDuplicates
@@ -160,13 +181,12 @@ def run_ours(docs: list[dict], steps: list, dedup_cfg, workers: int) -> dict:
     near, exact = instantiate(dedup_cfg), ExactDuplicates()
     documents = [Document(d["id"], d["text"], "stdlib", d["kind"]) for d in docs]
     removed, dropped = set(), set()
-    with Pool(workers, initializer=_init_worker, initargs=(steps, near)) as pool:
-        for doc, (text, signature) in zip(docs, pool.imap(_process, documents, chunksize=16)):
-            if text is None:
-                dropped.add(doc["id"])
-            elif exact.seen(doc["id"], text) is not None or near.seen(doc["id"], signature) is not None:
-                removed.add(doc["id"])
-    return {"seconds": time.perf_counter() - started, "cores": min(workers + 1, os.cpu_count()),
+    for doc, (digest, signature) in zip(docs, _results(documents, steps, near, workers)):
+        if digest is None:
+            dropped.add(doc["id"])
+        elif exact.seen_digest(doc["id"], digest) is not None or near.seen(doc["id"], signature) is not None:
+            removed.add(doc["id"])
+    return {"seconds": time.perf_counter() - started, "cores": min(workers + 1, os.cpu_count()) if workers else 1,
             "removed": removed, "dropped": dropped}
 
 
@@ -216,8 +236,12 @@ def run_datatrove(docs: list[dict], dedup_cfg, workers: int, python: Path) -> di
 def datatrove_main(tmp: str, workers: int, shingle: int, bands: int, rows: int, seed: int) -> None:
     """Inside /tmp/benchvenv: datatrove's 4 MinHash stages over tmp/corpus; writes tmp/result.json."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers.jsonl import JsonlWriter
@@ -250,6 +274,7 @@ def datatrove_main(tmp: str, workers: int, shingle: int, bands: int, rows: int, 
 def score(removed: set[str], dropped: set[str], pairs: list[tuple[str, str, str]]) -> dict:
     """Precision and recall on the pairs whose members both survived the steps; recall per planted level too."""
     scored = [(a, b, level) for a, b, level in pairs if a not in dropped and b not in dropped]
+    removed = removed - {doc for a, b, _ in pairs if a in dropped or b in dropped for doc in (a, b)}
     found = [(a in removed or b in removed, level) for a, b, level in scored]
     tp = sum(hit for hit, _ in found)
     levels = {str(level): [hit for hit, lv in found if lv == str(level)] for level in LEVELS}
@@ -291,25 +316,62 @@ def signature_speed(docs: list[dict], dedup_cfg) -> dict:
     return speeds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=8.0, help="corpus size, planted copies included")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of ours and datasketch")
     parser.add_argument("--datatrove-rounds", type=int, default=1, help="rounds of datatrove (slow); 0 = skip")
-    parser.add_argument("--planted", type=float, default=0.1, help="share of originals that get one planted copy")
+    parser.add_argument("--planted", type=float, default=0.2, help="share of originals that get one planted copy")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dedup", nargs="*", default=[], help="overrides of conf/dedup/minhash.yaml, e.g. threshold=0.8")
+    parser.add_argument("--dedup", nargs="*", default=[], help="conf/dedup/minhash.yaml overrides: threshold=0.8")
     parser.add_argument("--datatrove-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "data_pipeline.json")
     parser.add_argument("--datatrove-run", help=argparse.SUPPRESS)  # internal: the datatrove side, in its venv
     parser.add_argument("--shingle", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bands", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def alternate(peers: dict, rounds: dict[str, int]) -> dict[str, list[dict]]:
+    """Round r runs every peer that has more than r rounds, in the order given."""
+    runs = {name: [] for name in peers}
+    for r in range(max(rounds.values())):
+        for name, run in peers.items():
+            if r < rounds[name]:
+                runs[name].append(run())
+                print(f"round {r + 1} {name}: {runs[name][-1]['seconds']:.2f} s")
+    return {name: results for name, results in runs.items() if results}
+
+
+def summarize(runs: dict[str, list[dict]], pairs: list, mb: float) -> dict:
+    """Median seconds and throughput per peer; precision and recall of its last round (the removals repeat)."""
+    report = {}
+    for name, results in runs.items():
+        seconds, last = statistics.median(r["seconds"] for r in results), results[-1]
+        report[name] = {"seconds": round(seconds, 3), "rounds": [round(r["seconds"], 3) for r in results],
+                        "cores": last["cores"], "mb_per_s": round(mb / seconds, 3),
+                        "mb_per_s_per_core": round(mb / seconds / last["cores"], 3),
+                        **score(last["removed"], last["dropped"], pairs)}
+    return report
+
+
+def goal(report: dict) -> dict:
+    """Each of our rows against the fastest peer per core and the best peer recall."""
+    peers = {name: r for name, r in report.items() if not name.startswith("ours")}
+    fastest = max(peers, key=lambda name: peers[name]["mb_per_s_per_core"])
+    best_recall = max(r["recall"] for r in peers.values())
+    return {"fastest_peer": fastest, **{
+        name: {"per_core_vs_fastest": round(r["mb_per_s_per_core"] / peers[fastest]["mb_per_s_per_core"], 3),
+               "recall_points_vs_best_peer": round(100 * (r["recall"] - best_recall), 2)}
+        for name, r in report.items() if name.startswith("ours")}}
+
+
+def main() -> None:
+    args = parse_args()
     if args.datatrove_run:
         return datatrove_main(args.datatrove_run, args.workers, args.shingle, args.bands, args.rows, args.seed)
-
     sys.path.insert(0, str(ROOT))
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -321,62 +383,44 @@ def main() -> None:
     started = time.perf_counter()
     docs, pairs, corpus = build_corpus(args.mb, args.planted, args.seed)
     corpus["build_seconds"] = round(time.perf_counter() - started, 2)
-    mb = corpus["bytes"] / 1e6
     print(f"corpus: {corpus}")
     steps, step_names = load_steps()
     peers = {"ours": lambda: run_ours(docs, steps, dedup_cfg, args.workers),
+             "ours-1p": lambda: run_ours(docs, steps, dedup_cfg, 0),
              "ours-dedup": lambda: run_ours(docs, [], dedup_cfg, args.workers),
+             "ours-dedup-1p": lambda: run_ours(docs, [], dedup_cfg, 0),
              "datasketch": lambda: run_datasketch(docs, dedup_cfg),
              "datatrove": lambda: run_datatrove(docs, dedup_cfg, args.workers, args.datatrove_python)}
+    rounds = {name: args.rounds for name in peers} | {"datatrove": args.datatrove_rounds}
     if not steps:
-        del peers["ours-dedup"]
+        rounds["ours-dedup"] = rounds["ours-dedup-1p"] = 0
     if args.datatrove_rounds and not args.datatrove_python.exists():
         print(f"note: datatrove skipped: no {args.datatrove_python} (see the module docstring)")
-        args.datatrove_rounds = 0
-    runs = {name: [] for name in peers}
-    for r in range(max(args.rounds, args.datatrove_rounds)):
-        for name, run in peers.items():
-            if r < (args.datatrove_rounds if name == "datatrove" else args.rounds):
-                result = run()
-                runs[name].append(result)
-                print(f"round {r + 1} {name}: {result['seconds']:.2f} s")
+        rounds["datatrove"] = 0
 
-    report = {}
-    for name, results in runs.items():
-        if not results:
-            continue
-        seconds = statistics.median(r["seconds"] for r in results)
-        last = results[-1]
-        report[name] = {"seconds": round(seconds, 3), "rounds": [round(r["seconds"], 3) for r in results],
-                        "cores": last["cores"], "mb_per_s": round(mb / seconds, 3),
-                        "mb_per_s_per_core": round(mb / seconds / last["cores"], 3),
-                        **score(last["removed"], last["dropped"], pairs)}
+    report = summarize(alternate(peers, rounds), pairs, corpus["bytes"] / 1e6)
     speeds = signature_speed(docs, dedup_cfg)
-    print_table(report, mb)
+    print_table(report, corpus["bytes"] / 1e6)
     print(f"signatures alone, 1 process, MB/s: {speeds}")
-    peer_best = max((v["mb_per_s_per_core"], k) for k, v in report.items() if not k.startswith("ours"))
-    goal = {"fastest_peer": peer_best[1],
-            "ours_over_fastest_per_core": round(report["ours"]["mb_per_s_per_core"] / peer_best[0], 3),
-            "recall_points_vs_best_peer": round(100 * (report["ours"]["recall"] - max(
-                v["recall"] for k, v in report.items() if not k.startswith("ours"))), 2)}
-    print(f"goal (>= 1x, >= -1 point): {goal}")
+    print(f"goal (>= 1x, >= -1 point): {goal(report)}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "config": {"mb": args.mb, "rounds": args.rounds, "datatrove_rounds": args.datatrove_rounds,
-                   "planted": args.planted, "workers": args.workers, "seed": args.seed, "steps": step_names,
-                   "dedup": OmegaConf.to_container(dedup_cfg), "cpus": os.cpu_count()},
-        "corpus": corpus, "peers": report, "signature_mb_per_s": speeds, "goal": goal}, indent=2) + "\n")
+        "config": {"mb": args.mb, "rounds": rounds, "planted": args.planted, "workers": args.workers,
+                   "seed": args.seed, "steps": step_names, "dedup": OmegaConf.to_container(dedup_cfg),
+                   "cpus": os.cpu_count()},
+        "corpus": corpus, "peers": report, "signature_mb_per_s": speeds, "goal": goal(report)}, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 
 def print_table(report: dict, mb: float) -> None:
     levels = [str(lv) for lv in LEVELS]
     print(f"\n{mb:.2f} MB; recall by planted level: {', '.join(levels)}")
-    print(f"{'peer':<11} {'cores':>5} {'seconds':>8} {'MB/s':>7} {'MB/s/core':>9} {'precision':>9} {'recall':>7}  by level")
+    print(f"{'peer':<13} {'cores':>5} {'seconds':>8} {'MB/s':>7} {'MB/s/core':>9} {'precision':>9} {'recall':>7}"
+          "  by level")
     for name, r in report.items():
         by_level = " ".join(f"{r['recall_by_level'][lv]:.3f}" if r["recall_by_level"][lv] is not None else "-"
                             for lv in levels)
-        print(f"{name:<11} {r['cores']:>5} {r['seconds']:>8.2f} {r['mb_per_s']:>7.2f} {r['mb_per_s_per_core']:>9.2f} "
+        print(f"{name:<13} {r['cores']:>5} {r['seconds']:>8.2f} {r['mb_per_s']:>7.2f} {r['mb_per_s_per_core']:>9.2f} "
               f"{r['precision']:>9.4f} {r['recall']:>7.4f}  {by_level}")
 
 

@@ -150,6 +150,17 @@ class InstructSchema:
 
 
 @dataclass
+class PartitionSchema:
+    index: int = 0
+    count: int = 1
+    only_units: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 1 and 0 <= self.index < self.count, "partition",
+                 f"needs 0 <= partition.index < partition.count, got index {self.index}, count {self.count}")
+
+
+@dataclass
 class DataSettingsSchema:
     """The data stage's own top-level settings."""
     workers: int = 2
@@ -198,7 +209,8 @@ class PrecisionSchema:
 TARGETS, OPTIONAL_TARGETS, ROOT = "targets", "optional targets", "."
 STAGE_NODES: dict[str, dict[str, Any]] = {
     "data": {ROOT: DataSettingsSchema, "sources": TARGETS, "steps": OPTIONAL_TARGETS, "dedup": None,
-             "tokenizer": TokenizerSchema, "decontam": DecontamSchema, "instruct": InstructSchema, "logger": None},
+             "tokenizer": TokenizerSchema, "decontam": DecontamSchema, "instruct": InstructSchema, "partition": PartitionSchema,
+             "logger": None},
     # Order matters: a node is checked before the nodes that interpolate it (scheduler reads trainer.max_steps).
     "pretrain": {"trainer": TrainerSchema, "data": DataModuleSchema, "model": None, "strategy": None,
                  "precision": PrecisionSchema, "optimizer": OptimizerSchema, "scheduler": SchedulerSchema,

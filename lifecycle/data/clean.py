@@ -7,6 +7,7 @@ import unicodedata
 from dataclasses import replace
 
 from lifecycle.data.document import Document, Drop
+from lifecycle.errors import ConfigError
 
 # C0/C1 controls except \t and \n (\r is handled with newlines first), plus zero-width space, word joiner and BOM.
 # ZWJ/ZWNJ (U+200C/D) stay: they carry meaning in emoji sequences, Persian and Indic scripts.
@@ -38,7 +39,7 @@ class Normalize:
     def __init__(self, *, kinds: list[str] | None, unicode_form: str | None, strip_control_chars: bool,
                  fix_whitespace: bool, html_leftovers: bool, boilerplate: dict[str, list[str]]) -> None:
         if unicode_form not in (None, "NFC", "NFKC"):
-            raise ValueError(f"unicode_form={unicode_form!r}: use NFC, NFKC or null")
+            raise ConfigError(f"unicode_form={unicode_form!r}: use NFC, NFKC or null")
         self.kinds = None if kinds is None else list(kinds)
         self.unicode_form = unicode_form
         self.strip_control_chars = strip_control_chars
@@ -61,10 +62,10 @@ class Normalize:
             text = unicodedata.normalize(self.unicode_form, text)
         if self.fix_whitespace and "\r" in text:
             text = NEWLINES.sub("\n", text)
-        if self.strip_control_chars:
-            text = CONTROL.sub("", text)
         if self.html_leftovers and kind != "code":
             text = _strip_html(text)
+        if self.strip_control_chars:  # after HTML, since "&#27;" unescapes to a control character
+            text = CONTROL.sub("", text)
         if kind in self._boilerplate:
             text = self._boilerplate[kind].sub("", text)
         if self.fix_whitespace:

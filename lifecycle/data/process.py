@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from lifecycle.data.dedup import exact_key
 from lifecycle.data.document import Document, Drop, Skips
 
+FORMAT = 2  # bump when a unit's files change shape, so old cache entries are not read
 SAMPLES_PER_REASON = 3
 SAMPLE_CHARS = 400
 
@@ -29,7 +31,8 @@ class Job:
 
 def cache_key(job_source: str, key: str, fingerprint: str, settings: str) -> str:
     """A unit's outputs depend on its content and on the processing settings, nothing else."""
-    return hashlib.sha256("\0".join([job_source, key, fingerprint, settings]).encode()).hexdigest()[:32]
+    parts = [str(FORMAT), job_source, key, fingerprint, settings]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 class Worker:
@@ -47,7 +50,7 @@ class Worker:
         drops: dict[str, Counter] = defaultdict(Counter)
         samples: dict[str, list] = defaultdict(list)
         pii: Counter[str] = Counter()
-        kept, signatures = [], []
+        kept, signatures, digests = [], [], []
         for doc in self.sources[job.source].read(job.key, skips):
             counts["docs_in"] += 1
             counts["bytes_in"] += len(doc.text.encode())
@@ -63,9 +66,10 @@ class Worker:
             counts["docs_out"] += 1
             counts["bytes_out"] += len(result.text.encode())
             kept.append(result)
+            digests.append(np.frombuffer(exact_key(result.text), dtype=np.uint8))
             if self.near is not None:
                 signatures.append(self.near.signature(result.text))
-        _write_unit(job.out, kept, signatures)
+        _write_unit(job.out, kept, signatures, digests)
         stats = {"source": job.source, "key": job.key, **counts, "drops": {r: dict(c) for r, c in drops.items()},
                  "samples": samples, "skips": skips.to_dict(), "pii": dict(pii),
                  "seconds": round(time.perf_counter() - started, 3)}
@@ -88,25 +92,29 @@ class Worker:
         return doc
 
 
-def read_unit(out: Path) -> tuple[list[Document], np.ndarray | None]:
-    """The kept documents of a finished unit and their MinHash signatures (None without near-dedup)."""
+def read_unit(out: Path) -> tuple[list[Document], np.ndarray, np.ndarray | None]:
+    """A finished unit's kept documents, their exact-dedup digests (n, 16) and MinHash signatures (or None)."""
     with gzip.open(out.with_suffix(".jsonl.gz"), "rt", encoding="utf-8") as f:
         docs = [Document.from_dict(json.loads(line)) for line in f]
     sig = out.with_suffix(".sig.npy")
-    return docs, (np.load(sig) if sig.is_file() else None)
+    return docs, np.load(out.with_suffix(".exact.npy")), (np.load(sig) if sig.is_file() else None)
 
 
-def _write_unit(out: Path, docs: list[Document], signatures: list) -> None:
+def _write_unit(out: Path, docs: list[Document], signatures: list, digests: list) -> None:
+    """Documents and arrays first, each renamed into place; the stats JSON written after them marks the unit done."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.jsonl.gz")
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
         for d in docs:
             f.write(json.dumps(d.to_dict(), ensure_ascii=False) + "\n")
     os.replace(tmp, out.with_suffix(".jsonl.gz"))
+    arrays = {".exact.npy": np.stack(digests) if digests else np.zeros((0, 16), np.uint8)}
     if signatures:
-        tmp_sig = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
-        np.save(tmp_sig, np.stack(signatures))
-        os.replace(tmp_sig, out.with_suffix(".sig.npy"))
+        arrays[".sig.npy"] = np.stack(signatures)
+    for suffix, array in arrays.items():
+        tmp_arr = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+        np.save(tmp_arr, array)
+        os.replace(tmp_arr, out.with_suffix(suffix))
 
 
 def _atomic_text(path: Path, text: str) -> None:

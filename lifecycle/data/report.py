@@ -1,6 +1,7 @@
 """The data stage's report: documents and bytes in/out per source, step and reason, and its W&B tables."""
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.data.document import Skips
+
+log = logging.getLogger(__name__)
 
 
 class Report:
@@ -50,6 +53,11 @@ class Report:
                 skips.examples[reason] = list(info["first"])
             self.read_skips.merge(skips)
             self.pii.update(r["pii"])
+
+    def log_skips(self) -> None:
+        """Bad input, by reason with the first locations, into the run's log (the report has them all)."""
+        for reason, info in self.read_skips.to_dict().items():
+            log.warning("skipped %d input item(s) as %s; first at %s", info["count"], reason, ", ".join(info["first"]))
 
     @property
     def docs_in(self) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from lifecycle.data.corpus_writer import ShardWriter
 from lifecycle.data.document import Document
 from lifecycle.data.process import read_unit
+from lifecycle.data.progress import progress
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:
@@ -20,10 +21,10 @@ def select(units: list[Path], exact, near, decontam, val_fraction: float, out_di
     writers = {s: ShardWriter(out_dir, s) for s in ("train", "val")}
     removed: Counter[str] = Counter()
     removed_bytes: Counter[str] = Counter()
-    for out in units:
-        docs, signatures = read_unit(out)
+    for out in progress(units, len(units), "dedup", lambda out: (0, 0)):
+        docs, digests, signatures = read_unit(out)
         for i, doc in enumerate(docs):
-            reason = _duplicate_or_contaminated(doc, i, signatures, exact, near, decontam)
+            reason = _duplicate_or_contaminated(doc, i, digests, signatures, exact, near, decontam)
             if reason:
                 removed[reason] += 1
                 removed_bytes[reason] += len(doc.text.encode())
@@ -37,8 +38,8 @@ def select(units: list[Path], exact, near, decontam, val_fraction: float, out_di
             "removed": {r: {"docs": n, "bytes": removed_bytes[r]} for r, n in sorted(removed.items())}}
 
 
-def _duplicate_or_contaminated(doc: Document, i: int, signatures, exact, near, decontam) -> str | None:
-    if exact is not None and exact.seen(doc.id, doc.text) is not None:
+def _duplicate_or_contaminated(doc: Document, i: int, digests, signatures, exact, near, decontam) -> str | None:
+    if exact is not None and exact.seen_digest(doc.id, digests[i].tobytes()) is not None:
         return "dedup/exact"
     if near is not None and signatures is not None and near.seen(doc.id, signatures[i]) is not None:
         return "dedup/near"

@@ -15,7 +15,7 @@ from lifecycle.data.decontam import Decontaminator
 from lifecycle.data.document import Skips
 from lifecycle.data.process import Job, Worker, cache_key, init_worker, run_job
 from lifecycle.data.profile import Profile
-from lifecycle.data.progress import progress
+from lifecycle.data.progress import doc_size, progress, unit_size
 from lifecycle.data.report import Report
 from lifecycle.data.select import select
 from lifecycle.data.shards import token_dtype, write_split
@@ -35,14 +35,23 @@ def run(cfg: DictConfig) -> dict:
     steps = [build(node) for node in cfg.steps.values()]
     near = build(cfg.dedup) if cfg.dedup else None
     jobs = _plan(sources, cfg, artifacts.config_digest({k: config[k] for k in ("steps", "dedup")}), report)
+    mine = [j for i, j in enumerate(jobs) if i % cfg.partition.count == cfg.partition.index]
     with report.phase("process"):
-        results = _process(jobs, Worker(sources, steps, near), cfg.workers)
+        results = _process(mine, Worker(sources, steps, near), cfg.workers)
     report.add_units(results)
+    report.log_skips()
+    if cfg.partition.only_units:
+        artifacts.write_json(run_dir / "report.json", report.to_dict())
+        return report.metrics(time.time() - started)  # a partial run: no manifest, `latest` untouched
     artifacts.write_json(run_dir / "report.json", report.to_dict())  # rewritten at the end; here for failures
     if not report.docs_out:
         raise DataError(f"no documents survived reading and filtering ({report.docs_in} read from "
                         f"{len(jobs)} units); see {run_dir / 'report.json'} for the reasons")
 
+    missing = [j.key for j in jobs if not j.out.with_suffix(".json").is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(jobs)} units are not processed yet (first: {missing[0]}); run the "
+                        "other partitions (partition.index) first, or run without partition.* to process them here")
     exact = _exact() if cfg.exact_dedup else None
     decontam = Decontaminator(cfg.decontam.references, cfg.decontam.ngram)
     collector = instruct.CodeCollector(cfg.instruct.min_body_lines, cfg.instruct.max_chars) \
@@ -62,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     profile, dtype, tokens = Profile(len(tokenizer)), token_dtype(len(tokenizer)), {}
     with report.phase("tokenize"):
         for split in ("train", "val"):
-            docs = read_shards(selected["paths"][split])
+            docs = progress(read_shards(selected["paths"][split]), selected["docs"][split], split, doc_size)
             tokens[split] = write_split(run_dir / f"{split}.bin", docs, tokenizer, dtype,
                                         profile if split == "train" else None)
     report.tokens = tokens
@@ -107,10 +116,10 @@ def _plan(sources: dict, cfg: DictConfig, settings: str, report: Report) -> list
 def _process(jobs: list[Job], worker: Worker, workers: int) -> list[dict]:
     if workers <= 1:
         init_worker(worker)
-        return [r for r in progress(map(run_job, jobs), len(jobs), "process")]
+        return list(progress(map(run_job, jobs), len(jobs), "process", unit_size))
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=init_worker, initargs=(worker,)) as pool:
-        return list(progress(pool.imap(run_job, jobs, chunksize=4), len(jobs), "process"))
+        return list(progress(pool.imap(run_job, jobs, chunksize=4), len(jobs), "process", unit_size))
 
 
 def _exact():

@@ -175,3 +175,18 @@ def test_multirun_from_the_cli(tmp_path):
     assert (tmp_path / "data" / "latest").resolve() == metas[-1].parent.resolve()
     report = json.loads((metas[-1].parent / "report.json").read_text())
     assert report["sources"]["stdlib"]["cached_units"] == report["sources"]["stdlib"]["units"]  # second job reused
+
+
+def test_partitions_fill_a_shared_cache_for_many_machines(tmp_path):
+    docs = corpus(tmp_path)
+    partial = run(files_cfg(tmp_path, docs, "partition.count=3", "partition.index=1", "partition.only_units=true",
+                            run="p1"))
+    assert partial["data/docs_in"] == 4 and not (tmp_path / "out" / "data" / "p1" / "manifest.json").exists()
+    with pytest.raises(DataError, match="8 of 12 units are not processed yet"):
+        run(files_cfg(tmp_path, docs, "partition.count=3", "partition.index=1", run="p1b"))
+    for i in (0, 2):
+        run(files_cfg(tmp_path, docs, "partition.count=3", f"partition.index={i}", "partition.only_units=true",
+                      run=f"p{i}"))
+    run(files_cfg(tmp_path, docs, run="final"))
+    report = json.loads((tmp_path / "out" / "data" / "final" / "report.json").read_text())
+    assert report["sources"]["files"]["cached_units"] == 12

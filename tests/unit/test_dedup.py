@@ -1,4 +1,4 @@
-"""Deduplication: precision and recall of MinHash LSH on planted near duplicates, exact variants, config errors, order."""
+"""Deduplication: precision and recall on planted near duplicates, exact variants, config errors, keep-first order."""
 from __future__ import annotations
 
 import pickle
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datasketch import MinHash
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -103,6 +104,7 @@ def test_exact_duplicates_ignore_case_whitespace_and_unicode_form():
     assert exact.seen("a", text) is None
     assert [exact.seen(f"v{i}", v) for i, v in enumerate(variants)] == ["a"] * len(variants)
     assert exact.seen("b", "The quick brown fox jumps over the lazy cat, twice.") is None
+    assert exact.seen_digest("w", exact_key(variants[0])) == "a"  # a key computed in a worker
     assert len(exact_key(text)) == 16 and exact_key(text) != exact_key(text + " again")
 
 
@@ -139,6 +141,9 @@ def test_signature_is_pure_and_pickles_without_the_index(prose):
     near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1)
     signature = near.signature(prose[0])
     assert signature.dtype == np.uint64 and signature.shape == (128,)
+    reference = MinHash(num_perm=128, seed=1, hashfunc=int, scheme="affine64")  # datasketch's own update
+    reference.update_batch(near.shingles(prose[0]))
+    assert np.array_equal(reference.hashvalues, signature)
     assert near.seen("a", signature) is None and near.seen("b", near.signature(prose[0])) == "a"
     copy = pickle.loads(pickle.dumps(near))
     assert np.array_equal(copy.signature(prose[0]), signature)
