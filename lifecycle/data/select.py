@@ -1,6 +1,7 @@
 """The global pass over processed units: exact and near dedup, decontamination, the train/val split."""
 from __future__ import annotations
 
+import json
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,7 @@ def select(units: list[Path], exact, near, decontam, val_fraction: float, out_di
     writers = {s: ShardWriter(out_dir, s) for s in ("train", "val")}
     removed: Counter[str] = Counter()
     removed_bytes: Counter[str] = Counter()
-    for out in progress(units, len(units), "dedup", lambda out: (0, 0)):
+    for out in progress(units, len(units), "dedup", _kept_size):
         docs, digests, signatures = read_unit(out)
         for i, doc in enumerate(docs):
             reason = _duplicate_or_contaminated(doc, i, digests, signatures, exact, near, decontam)
@@ -36,6 +37,11 @@ def select(units: list[Path], exact, near, decontam, val_fraction: float, out_di
         w.close()
     return {"paths": {s: w.paths for s, w in writers.items()}, "docs": {s: w.docs for s, w in writers.items()},
             "removed": {r: {"docs": n, "bytes": removed_bytes[r]} for r, n in sorted(removed.items())}}
+
+
+def _kept_size(out: Path) -> tuple[int, int]:
+    stats = json.loads(out.with_suffix(".json").read_text())
+    return stats.get("docs_out", 0), stats.get("bytes_out", 0)
 
 
 def _duplicate_or_contaminated(doc: Document, i: int, digests, signatures, exact, near, decontam) -> str | None:
