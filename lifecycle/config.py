@@ -94,6 +94,30 @@ class DataModuleSchema:
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
+@dataclass
+class InstructDataSchema(DataModuleSchema):
+    _target_: str = "lifecycle.training.instruct_data.InstructDataModule"
+    packing: bool = False
+
+
+@dataclass
+class EarlyStoppingSchema:
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.patience >= 1, "early_stopping.patience", "must be >= 1 (validations without improvement)")
+        _require(self.min_delta >= 0, "early_stopping.min_delta", "must be >= 0")
+
+
+@dataclass
+class FinetuneSettingsSchema:
+    epochs: Optional[float] = 2
+
+    def __post_init__(self) -> None:
+        _require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0 or null, got {self.epochs}")
+
+
 class NonFinitePolicy(Enum):
     halt = "halt"
     skip = "skip"
@@ -215,6 +239,10 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "pretrain": {"trainer": TrainerSchema, "data": DataModuleSchema, "model": None, "strategy": None,
                  "precision": PrecisionSchema, "optimizer": OptimizerSchema, "scheduler": SchedulerSchema,
                  "logger": None, "train": TrainSchema, "samples": SamplesSchema},
+    "finetune": {ROOT: FinetuneSettingsSchema, "trainer": TrainerSchema, "data": InstructDataSchema, "base": None,
+                 "strategy": None, "precision": PrecisionSchema, "optimizer": OptimizerSchema,
+                 "scheduler": SchedulerSchema, "logger": None, "train": TrainSchema,
+                 "early_stopping": EarlyStoppingSchema},
     "pipeline": {"logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)

@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
         if stage not in STAGES or stage == "pipeline":
             raise ConfigError(f"stages.{stage}: not a stage; choose from {', '.join(s for s in STAGES if s != 'pipeline')}")
         stage_dir = (Path(cfg.paths.output_root) / stage / f"{stamp}-pipeline").resolve()
-        wiring = [f"{key}={done[source]}" for key, source in cfg.wiring.get(stage, {}).items()]
+        wiring = [f"{key}={_output(done, source)}" for key, source in cfg.wiring.get(stage, {}).items()]
         cmd = [sys.executable, "-m", f"lifecycle.{stage}", f"hydra.run.dir={stage_dir}", *shared, *wiring, *extra]
         print(f"\n=== pipeline: {stage} ===\n$ lifecycle {stage} {' '.join(cmd[3:])}", flush=True)
         t0 = time.time()
@@ -48,6 +48,14 @@ def run(cfg: DictConfig) -> dict:
     print(f"\npipeline finished in {metrics['pipeline/seconds']} s: " +
           ", ".join(f"{s} {r['seconds']} s" for s, r in report.items()) + f" -> {run_dir}")
     return metrics
+
+
+def _output(done: dict[str, Path], source: str) -> Path:
+    """`pretrain/model` -> <that pipeline run's pretrain dir>/model."""
+    stage, _, sub = source.partition("/")
+    if stage not in done:
+        raise ConfigError(f"wiring: `{source}` names stage `{stage}`, which has not run earlier in this pipeline")
+    return done[stage] / sub if sub else done[stage]
 
 
 def _shared_overrides(cfg: DictConfig) -> list[str]:

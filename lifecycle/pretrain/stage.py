@@ -8,16 +8,14 @@ from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig
 
 from lifecycle import artifacts, tracking
 from lifecycle.config import build, resolved, validate
 from lifecycle.errors import ConfigError
-from lifecycle.hardware import model_flops_per_token, resolve_precision
 from lifecycle.training import checkpoint
-from lifecycle.training.callbacks import Throughput
 from lifecycle.training.module import CausalLM
+from lifecycle.training.run import make_trainer, resume_path
 from lifecycle.training.samples import generate_samples
 
 STAGE = "pretrain"
@@ -35,30 +33,20 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup()
     meta = datamodule.meta
     model = build(cfg.model, vocab_size=meta["vocab_size"], bos_token_id=meta["bos_token_id"],
-                        eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
+                  eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
     _check_context(model, cfg.data.seq_len)
-    model = build(cfg.strategy)(model)
+    model = build(cfg.strategy)(model)  # pretraining uses `full`; the fine-tuning stage offers the others
     module = CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
                       cfg.train.max_skipped_steps, cfg.train.restore_rng)
 
-    resume = checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / STAGE) if cfg.ckpt_path else None
+    resume = resume_path(cfg, STAGE)
     if resume:
         checkpoint.check_compatible(resume, module)
-    ckpt_dir = run_dir / "checkpoints"
-    checkpoint.clean_stale_temps(ckpt_dir)
-    precision = resolve_precision(cfg.precision.value, cfg.trainer.accelerator)
-    throughput = Throughput(model_flops_per_token(model, cfg.data.seq_len), cfg.train.peak_flops,
-                            run_dir / "metrics.jsonl", precision)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=cfg.train.ckpt_every_n_steps, save_last=True, save_top_k=2,
-                                 monitor="step", mode="max"),
-                 throughput, RichProgressBar()]
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
-    trainer = build(cfg.trainer, precision=precision, callbacks=callbacks, logger=logger or False,
-                          plugins=[checkpoint.AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    trainer, throughput, precision = make_trainer(cfg, run_dir, model, logger, [])
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True)
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     val = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)[0]
     if not is_zero:
         return {}

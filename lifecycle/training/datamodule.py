@@ -65,6 +65,8 @@ class PackedDataModule(LightningDataModule):
         self.meta: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "train_set", None) is not None:
+            return  # already set up (the stage reads meta before building the model)
         train, self.meta = open_split(self.dir, "train")
         val, _ = open_split(self.dir, "val")
         for name, tokens in (("train", train), ("val", val)):

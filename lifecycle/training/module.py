@@ -29,11 +29,13 @@ class CausalLM(LightningModule):
         self.skipped_in_a_row = 0
         self._pending_rng: dict | None = None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits  # (B, T, V)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, P + T, V)
+        # Prompt-learning strategies (P-tuning, prompt tuning) prepend P virtual tokens: score the real ones.
+        return logits[:, -input_ids.shape[1]:]                                           # (B, T, V)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"])                                        # (B, T, V)
+        logits = self(batch["input_ids"], batch.get("attention_mask"))                  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
         return loss, logits
 
@@ -60,6 +62,11 @@ class CausalLM(LightningModule):
                                  f"{ckpt}. Try a lower optimizer.lr or trainer.gradient_clip_val, then resume "
                                  "with ckpt_path=last")
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric state in the current grad mode: a validate() before fit() leaves inference-mode tensors.
+        self.val_loss.reset()
+        self.val_ppl.reset()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self.compute_loss(batch)
         tokens = (batch["labels"] != IGNORE).sum()
@@ -82,6 +89,7 @@ class CausalLM(LightningModule):
         self._pending_rng = checkpoint.get("rng") if self.restore_rng else None
 
     def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; dropout must be live while training
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None

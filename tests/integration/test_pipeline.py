@@ -19,13 +19,16 @@ def test_smoke_pipeline_with_wandb_offline_leaks_no_key(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     manifest = json.loads((tmp_path / "pipeline" / "p" / "manifest.json").read_text())
     stages = manifest["metrics"]["stages"]
-    assert list(stages) == ["data", "pretrain"]
+    assert list(stages) == ["data", "pretrain", "finetune"]
     pretrain_dir = Path(stages["pretrain"]["run_dir"])
     assert (tmp_path / "pretrain" / "latest").resolve() == pretrain_dir
     pre = json.loads((pretrain_dir / "manifest.json").read_text())
     assert pre["inputs"]["data"]["path"] == stages["data"]["run_dir"]
     assert pre["wandb_run_id"] and list((pretrain_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert pre["config"]["name"] == "smoke"
+    fine = json.loads((Path(stages["finetune"]["run_dir"]) / "manifest.json").read_text())
+    assert fine["config"]["base"]["name_or_path"] == str(pretrain_dir / "model")
+    assert fine["metrics"]["finetune/val_loss_after"] < fine["metrics"]["finetune/val_loss_before"]
 
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaks, f"the W&B key was written to {leaks}"

@@ -1,0 +1,32 @@
+"""What the training stages (pretrain, finetune) share: the Trainer, its callbacks and resuming."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig
+
+from lifecycle.config import build
+from lifecycle.hardware import model_flops_per_token, resolve_precision
+from lifecycle.training import checkpoint
+from lifecycle.training.callbacks import Throughput
+
+
+def resume_path(cfg: DictConfig, stage: str) -> Path | None:
+    """The checkpoint `ckpt_path` names, if any (`last` = newest of this stage)."""
+    return checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / stage) if cfg.ckpt_path else None
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, model, logger, callbacks: list):
+    """The configured Lightning Trainer with lifecycle's checkpointing, throughput/MFU and progress bar."""
+    precision = resolve_precision(cfg.precision.value, cfg.trainer.accelerator)
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint.clean_stale_temps(ckpt_dir)
+    throughput = Throughput(model_flops_per_token(model, cfg.data.seq_len), cfg.train.peak_flops,
+                            run_dir / "metrics.jsonl", precision)
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=cfg.train.ckpt_every_n_steps, save_last=True, save_top_k=2,
+                               monitor="step", mode="max")
+    trainer = build(cfg.trainer, precision=precision, callbacks=[periodic, throughput, RichProgressBar(), *callbacks],
+                    logger=logger or False, plugins=[checkpoint.AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    return trainer, throughput, precision
