@@ -28,7 +28,8 @@ def run(cfg: DictConfig) -> dict:
     datamodule = build(cfg.data, tokenizer=tokenizer)
     datamodule.setup()
     if cfg.epochs is not None:  # the budget in passes over the data decides the step count (and the LR schedule)
-        per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.trainer.devices
+        devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1  # "auto": counted as one
+        per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * devices * cfg.trainer.num_nodes
         cfg.trainer.max_steps = max(1, math.ceil(cfg.epochs * len(datamodule.train_set) / per_step))
     config = resolved(cfg)
     if is_zero:
