@@ -1,4 +1,4 @@
-"""Data stage memory: `lifecycle data` under a hard per-process memory cap far below the corpus size.
+"""Data stage memory: does `lifecycle data` stay within a hard per-process memory cap as the corpus grows?
 
 A synthetic English-like corpus (Zipf-distributed words from a fixed vocabulary of a few thousand words, stop
 words first, 5-20 KB documents, all distinct) is written as 16 MB .jsonl.gz files and run through the whole stage
@@ -8,14 +8,24 @@ process and of its worker processes is polled from /proc every 0.2 s; the table 
 corpus. Figures go to benchmarks/results/data_memory.json.
 
     python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400
+    python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400 --set '~dedup' '++dedup={}'  # no MinHash
 
-Why RLIMIT_DATA: RLIMIT_AS counts address space that is reserved, not used (glibc reserves 64 MB per malloc arena,
-Rust threads reserve their stacks, shared libraries map large read-only segments), so an AS cap measures the
-process layout more than the corpus. Since Linux 4.7 RLIMIT_DATA counts private writable mappings (brk heap and
-anonymous mmap: all Python objects, numpy arrays and the tokenizer's Rust heap) and fails an allocation beyond it.
-The cap is per process and inherited by the forked workers, so the whole tree may use up to (workers + 1) x cap.
+Why RLIMIT_DATA, not RLIMIT_AS: AS counts address space reserved, not used (shared libraries, glibc arenas, thread
+stacks): the stage needs an AS cap of ~550-700 MB even on a 16 MB corpus. Since Linux 4.7 RLIMIT_DATA counts
+private writable mappings only (heap, anonymous mmap: Python objects, numpy arrays, the tokenizer's Rust heap) and
+fails an allocation past it; on 16 MB it needs ~250-350 MB. It still overstates use: numpy's OpenBLAS buffers and
+scipy (via datasketch) make VmData ~230 MB at import for ~75 MB of anonymous RSS. The cap is per process and
+inherited by the forked workers, so the whole tree may use up to (workers + 1) x cap.
 
-Finding (2 CPUs, 2 workers): see the table printed by the run and the report in the session notes.
+Finding (2 shared CPUs, 2 workers, 400 MB cap, 16 MB input files of ~11 KB documents):
+    near dedup    corpus MB  peak main MB  peak worker MB  wall s  exit
+    minhash            64.8         304.8           117.2      79  0
+    minhash           259.2   347.8 (cut)           117.4     183  1 (cap hit: +~6 KB per document)
+    off                64.8         264.4           110.5      59  0
+    off               259.2         274.1           110.5     151  0
+Workers stay flat (they hold one input file at a time). The main process grows with the corpus through the MinHash
+LSH index (datasketch, ~6 KB per kept document: 16 bands x (bytes key + set + dict slot)); everything else in it
+grows by ~0.5 KB per document (exact-dedup digests and document ids; the profile is a bounded reservoir).
 """
 from __future__ import annotations
 
@@ -36,6 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 STOP_WORDS = "the of and to a in that is was he for it with as his on be at by have this had not are but from".split()
 FILE_BYTES = 16 * 2**20  # uncompressed text per input file: one file is one unit, which a worker holds whole
+COLUMNS = ["corpus_mb", "cap_mb", "peak_main_mb", "peak_worker_mb", "peak_tree_mb", "wall_s", "mb_per_s", "tokens",
+           "exit"]
 LETTERS = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
 LETTER_P = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0,
                      1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
@@ -162,14 +174,13 @@ def run_stage(data: Path, work: Path, cap_mb: int, args: argparse.Namespace) -> 
     sampler.stop.set()
     sampler.join()
     wall = time.perf_counter() - started
-    meta_path = work / "run" / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    report_path = work / "run" / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    meta, report = (json.loads(p.read_text()) if p.is_file() else {} for p in (work / "run" / "meta.json",
+                                                                               work / "run" / "report.json"))
     return {"cap_mb": cap_mb, "peak_main_mb": sampler.main_kb / 1024, "peak_worker_mb": sampler.worker_kb / 1024,
             "peak_tree_mb": sampler.tree_kb / 1024, "wall_s": wall, "exit": rc,
             "tokens": meta.get("train_tokens", 0) + meta.get("val_tokens", 0), "documents": meta.get("documents"),
-            "phase_s": report.get("seconds"), "timeline": sampler.timeline, "log_tail": log.read_text()[-600:] if rc != 0 else ""}
+            "phase_s": report.get("seconds"), "timeline": sampler.timeline,
+            "log_tail": log.read_text()[-600:] if rc != 0 else ""}
 
 
 def main() -> None:
@@ -181,7 +192,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "lifecycle-data-memory")
-    p.add_argument("--set", nargs="*", default=[], help="more overrides for the stage, e.g. dedup=null")
+    p.add_argument("--set", nargs="*", default=[], help="more stage overrides; near dedup off: '~dedup' '++dedup={}'")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before a run counts as failed (hung)")
     args = p.parse_args()
 
@@ -196,13 +207,9 @@ def main() -> None:
         print(f"{mb} MB: exit {row['exit']}, {row['wall_s']:.0f} s" + (f"\n{row['log_tail']}" if row["exit"] else ""),
               flush=True)
 
-    head = ["corpus MB", "cap MB", "peak main MB", "peak worker MB", "peak tree MB", "wall s", "MB/s", "tokens",
-            "exit"]
-    keys = ["corpus_mb", "cap_mb", "peak_main_mb", "peak_worker_mb", "peak_tree_mb", "wall_s", "mb_per_s", "tokens",
-            "exit"]
-    print("  ".join(f"{h:>14}" for h in head))
+    print("  ".join(f"{k.replace('_mb', ' MB').replace('_', ' '):>14}" for k in COLUMNS))
     for r in rows:
-        print("  ".join(f"{r[k]:>14.1f}" if isinstance(r[k], float) else f"{r[k]!s:>14}" for k in keys))
+        print("  ".join(f"{r[k]:>14.1f}" if isinstance(r[k], float) else f"{r[k]!s:>14}" for k in COLUMNS))
     out = ROOT / "benchmarks" / "results" / "data_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))

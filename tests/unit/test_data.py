@@ -190,3 +190,12 @@ def test_partitions_fill_a_shared_cache_for_many_machines(tmp_path):
     run(files_cfg(tmp_path, docs, run="final"))
     report = json.loads((tmp_path / "out" / "data" / "final" / "report.json").read_text())
     assert report["sources"]["files"]["cached_units"] == 12
+
+
+def test_near_dedup_can_be_turned_off(tmp_path):
+    words = prose(3).split()
+    words[10] = "zzyzx"
+    docs = corpus(tmp_path, extra={"near.txt": " ".join(words), "exact.txt": prose(1)})
+    run(files_cfg(tmp_path, docs, "dedup=none"))
+    removed = json.loads((tmp_path / "out" / "data" / "r" / "report.json").read_text())["removed"]
+    assert removed["dedup/exact"]["docs"] == 1 and "dedup/near" not in removed
