@@ -14,8 +14,7 @@ from lifecycle import artifacts, tracking
 from lifecycle.config import build, resolved, validate
 from lifecycle.training import checkpoint
 from lifecycle.training.instruct_data import CHAT_TEMPLATE
-from lifecycle.training.module import CausalLM
-from lifecycle.training.run import make_trainer, resume_path
+from lifecycle.training.run import make_module, make_trainer, resume_path
 
 STAGE = "finetune"
 
@@ -41,11 +40,8 @@ def run(cfg: DictConfig) -> dict:
     model = strategy(base)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    module = CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
-                      cfg.train.max_skipped_steps, cfg.train.restore_rng)
-    resume = resume_path(cfg, STAGE)
-    if resume:
-        checkpoint.check_compatible(resume, module)
+    module = make_module(cfg, model)
+    resume = resume_path(cfg, STAGE, module)
 
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", mode="min",

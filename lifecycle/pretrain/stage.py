@@ -13,9 +13,7 @@ from omegaconf import DictConfig
 from lifecycle import artifacts, tracking
 from lifecycle.config import build, resolved, validate
 from lifecycle.errors import ConfigError
-from lifecycle.training import checkpoint
-from lifecycle.training.module import CausalLM
-from lifecycle.training.run import make_trainer, resume_path
+from lifecycle.training.run import make_module, make_trainer, resume_path
 from lifecycle.training.samples import generate_samples
 
 STAGE = "pretrain"
@@ -36,12 +34,9 @@ def run(cfg: DictConfig) -> dict:
                   eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
     _check_context(model, cfg.data.seq_len)
     model = build(cfg.strategy)(model)  # pretraining uses `full`; the fine-tuning stage offers the others
-    module = CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
-                      cfg.train.max_skipped_steps, cfg.train.restore_rng)
+    module = make_module(cfg, model)
+    resume = resume_path(cfg, STAGE, module)
 
-    resume = resume_path(cfg, STAGE)
-    if resume:
-        checkpoint.check_compatible(resume, module)
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
     trainer, throughput, precision = make_trainer(cfg, run_dir, model, logger, [])
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,

@@ -10,11 +10,22 @@ from lifecycle.config import build
 from lifecycle.hardware import model_flops_per_token, resolve_precision
 from lifecycle.training import checkpoint
 from lifecycle.training.callbacks import Throughput
+from lifecycle.training.module import CausalLM
 
 
-def resume_path(cfg: DictConfig, stage: str) -> Path | None:
-    """The checkpoint `ckpt_path` names, if any (`last` = newest of this stage)."""
-    return checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / stage) if cfg.ckpt_path else None
+def make_module(cfg: DictConfig, model) -> CausalLM:
+    """The one LightningModule, with the configured optimizer, schedule and non-finite-loss policy."""
+    return CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
+                    cfg.train.max_skipped_steps, cfg.train.restore_rng)
+
+
+def resume_path(cfg: DictConfig, stage: str, module: CausalLM) -> Path | None:
+    """The checkpoint `ckpt_path` names (`last` = newest of this stage), refused if it does not fit `module`."""
+    if not cfg.ckpt_path:
+        return None
+    path = checkpoint.find_resume(cfg.ckpt_path, Path(cfg.paths.output_root) / stage)
+    checkpoint.check_compatible(path, module)
+    return path
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, model, logger, callbacks: list):
