@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from lifecycle.data.corpus_writer import ShardWriter
+from lifecycle.data.dedup_disk import EXACT, NEAR, duplicate_flags
 from lifecycle.data.document import Document
 from lifecycle.data.process import read_unit
 from lifecycle.data.progress import progress
@@ -17,15 +18,19 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     return zlib.crc32(doc_id.encode()) % 10_000 < val_fraction * 10_000
 
 
-def select(units: list[Path], exact, near, decontam, val_fraction: float, out_dir: Path, on_doc=None) -> dict:
-    """Stream the units in order, keep the first of each duplicate group, write train/val shards."""
+def select(units: list[Path], exact: bool, near, decontam, val_fraction: float, out_dir: Path, work_dir: Path,
+           on_doc=None) -> dict:
+    """Flag duplicates on disk (dedup_disk), then stream the units in order dropping them; write train/val shards."""
+    flags, _ = duplicate_flags(units, work_dir, exact=exact, near=near)
     writers = {s: ShardWriter(out_dir, s) for s in ("train", "val")}
     removed: Counter[str] = Counter()
     removed_bytes: Counter[str] = Counter()
+    first = 0  # global index of the unit's first document in flags
     for out in progress(units, len(units), "dedup", _kept_size):
-        docs, digests, signatures = read_unit(out)
-        for i, doc in enumerate(docs):
-            reason = _duplicate_or_contaminated(doc, i, digests, signatures, exact, near, decontam)
+        docs, _, _ = read_unit(out)
+        unit_flags, first = flags[first:first + len(docs)], first + len(docs)
+        for doc, flag in zip(docs, unit_flags.tolist()):
+            reason = _duplicate_or_contaminated(doc, flag, decontam)
             if reason:
                 removed[reason] += 1
                 removed_bytes[reason] += len(doc.text.encode())
@@ -44,10 +49,10 @@ def _kept_size(out: Path) -> tuple[int, int]:
     return stats.get("docs_out", 0), stats.get("bytes_out", 0)
 
 
-def _duplicate_or_contaminated(doc: Document, i: int, digests, signatures, exact, near, decontam) -> str | None:
-    if exact is not None and exact.seen_digest(doc.id, digests[i].tobytes()) is not None:
+def _duplicate_or_contaminated(doc: Document, flag: int, decontam) -> str | None:
+    if flag == EXACT:
         return "dedup/exact"
-    if near is not None and signatures is not None and near.seen(doc.id, signatures[i]) is not None:
+    if flag == NEAR:
         return "dedup/near"
     if decontam is not None and decontam.contaminated(doc.text):
         return "decontam/eval_ngram"

@@ -52,13 +52,12 @@ def run(cfg: DictConfig) -> dict:
     if missing:
         raise DataError(f"{len(missing)} of {len(jobs)} units are not processed yet (first: {missing[0]}); run the "
                         "other partitions (partition.index) first, or run without partition.* to process them here")
-    exact = _exact() if cfg.exact_dedup else None
     decontam = Decontaminator(cfg.decontam.references, cfg.decontam.ngram)
     collector = instruct.CodeCollector(cfg.instruct.min_body_lines, cfg.instruct.max_chars) \
         if cfg.instruct.from_code else None
     with report.phase("dedup"):
-        selected = select([j.out for j in jobs], exact, near, decontam if decontam.active else None,
-                          cfg.val_fraction, run_dir / "clean", collector)
+        selected = select([j.out for j in jobs], cfg.exact_dedup, near, decontam if decontam.active else None,
+                          cfg.val_fraction, run_dir / "clean", run_dir / "dedup", collector)
     report.add_selection(selected)
     if not selected["docs"]["train"] or not selected["docs"]["val"]:
         raise DataError(f"after deduplication {selected['docs']} documents are left; a tokenizer and both "
@@ -120,12 +119,6 @@ def _process(jobs: list[Job], worker: Worker, workers: int) -> list[dict]:
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=init_worker, initargs=(worker,)) as pool:
         return list(progress(pool.imap(run_job, jobs, chunksize=4), len(jobs), "process", unit_size))
-
-
-def _exact():
-    from lifecycle.data.dedup import ExactDuplicates
-
-    return ExactDuplicates()
 
 
 def _tokenizer(cfg: DictConfig, docs):
