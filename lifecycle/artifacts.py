@@ -72,8 +72,9 @@ def start_run(run_dir: str | Path, config: dict) -> Path:
 
 
 def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: dict,
-               started: float, wandb_run_id: str | None = None) -> None:
-    """Write manifest.json, then point <output_root>/<stage>/latest at this run (only successful runs get here)."""
+               started: float, wandb_run_id: str | None = None, promote: bool = True) -> None:
+    """Write manifest.json, then (if `promote`: a successful run, an accepted candidate) point
+    <output_root>/<stage>/latest at this run."""
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -85,7 +86,8 @@ def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: d
         "config": config,
     }
     write_json(run_dir / "manifest.json", manifest)
-    update_latest(run_dir, Path(config["paths"]["output_root"]) / stage)
+    if promote:
+        update_latest(run_dir, Path(config["paths"]["output_root"]) / stage)
 
 
 def update_latest(run_dir: Path, stage_root: Path) -> None:

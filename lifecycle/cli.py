@@ -7,7 +7,7 @@ import os
 import sys
 
 from lifecycle import CONF_DIR, STAGES
-from lifecycle.errors import LifecycleError
+from lifecycle.errors import GateFailed, LifecycleError
 
 USAGE = f"""usage: lifecycle <stage> [hydra overrides] [--help | --cfg job | -m ...]
 
@@ -47,14 +47,14 @@ def stage_entry(stage: str):
 
 
 def guarded(task):
-    """Print a LifecycleError as one clear line and exit 2, instead of a traceback."""
+    """Print a LifecycleError as one clear line and exit 2 (3: a failed evaluation gate), instead of a traceback."""
     @functools.wraps(task)
     def wrapper(cfg):
         try:
             return task(cfg)
         except LifecycleError as e:
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(3 if isinstance(e, GateFailed) else 2) from None
     return wrapper
 
 

@@ -228,6 +228,86 @@ class PrecisionSchema:
         _require(self.value in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}; got {self.value!r}")
 
 
+# ---- evaluate: what is evaluated, on which held-out data, which tasks, and the promotion gate ----
+@dataclass
+class TargetSchema:
+    model: str = "???"
+    base: Optional[str] = None
+    endpoint: Optional[str] = None
+    endpoint_model: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.endpoint is None or self.endpoint.startswith(("http://", "https://")), "target.endpoint",
+                 f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.endpoint!r}")
+
+
+@dataclass
+class EvalDataSchema:
+    dir: str = "outputs/data/latest"
+    seq_len: int = 256
+    batch_size: int = 8
+    val_batches: Optional[int] = 16
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.val_batches is None or self.val_batches >= 1, "data.val_batches", "must be >= 1 or null (all)")
+
+
+@dataclass
+class EvalTasksSchema:
+    names: list[str] = field(default_factory=list)
+    num_fewshot: int = 0
+    limit: Optional[int] = None
+    batch_size: int = 8
+    max_items: int = 500
+    context_lines: int = 6
+    choices: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.num_fewshot >= 0, "tasks.num_fewshot", "must be >= 0")
+        _require(self.limit is None or self.limit >= 1, "tasks.limit", "must be >= 1 or null (every item)")
+        _require(self.batch_size >= 1 and self.max_items >= 1, "tasks", "batch_size and max_items must be >= 1")
+        _require(self.context_lines >= 1, "tasks.context_lines", "must be >= 1")
+        _require(self.choices >= 2, "tasks.choices", f"must be >= 2 (the answer and a distractor), got {self.choices}")
+
+
+@dataclass
+class ContaminationSchema:
+    ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.ngram >= 5, "contamination.ngram", f"must be >= 5 words, got {self.ngram}")
+
+
+class Change(Enum):
+    absolute = "absolute"
+    relative = "relative"
+
+
+GATE_OPS = ("<=", ">=", "<", ">")
+
+
+@dataclass
+class GateRuleSchema:
+    metric: str = "???"
+    change: Change = Change.absolute
+    op: str = ">="
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.metric.startswith("eval/"), "gate.rules", f"metric must name an eval/... metric (a glob such as "
+                 f"eval/task/*/acc is allowed), got {self.metric!r}")
+        _require(self.op in GATE_OPS, "gate.rules", f"op must be one of {', '.join(GATE_OPS)}; got {self.op!r} "
+                 f"in the rule for {self.metric}")
+
+
+@dataclass
+class GateSchema:
+    incumbent: Optional[str] = None
+    rules: list[GateRuleSchema] = field(default_factory=list)
+
+
 # What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable;
 # TARGETS: a non-empty mapping whose every entry is such a node; ROOT: the schema of the stage's top-level settings).
 TARGETS, OPTIONAL_TARGETS, ROOT = "targets", "optional targets", "."
@@ -243,6 +323,8 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
                  "strategy": None, "precision": PrecisionSchema, "optimizer": OptimizerSchema,
                  "scheduler": SchedulerSchema, "logger": None, "train": TrainSchema,
                  "early_stopping": EarlyStoppingSchema},
+    "evaluate": {"target": TargetSchema, "data": EvalDataSchema, "tasks": EvalTasksSchema,
+                 "contamination": ContaminationSchema, "samples": SamplesSchema, "gate": GateSchema, "logger": None},
     "pipeline": {"logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)

@@ -19,3 +19,7 @@ class CheckpointError(LifecycleError):
 
 class NonFiniteLossError(LifecycleError):
     """Training produced a NaN or infinite loss."""
+
+
+class GateFailed(LifecycleError):
+    """The evaluation gate rejected the candidate (every rule's result is in the run's manifest); the CLI exits 3."""

@@ -197,13 +197,14 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
 
 
 class CodeCollector:
-    """Called on every kept document: collects instruction records from its Python functions."""
+    """Called on every kept document with its corpus split: collects instruction records from its Python
+    functions into the same split, so validation pairs come only from documents held out of pretraining."""
 
     def __init__(self, min_body_lines: int, max_chars: int):
         self.min_body_lines, self.max_chars = min_body_lines, max_chars
-        self.records: list[dict[str, Any]] = []
+        self.records: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
 
-    def __call__(self, doc) -> None:
+    def __call__(self, doc, split: str) -> None:
         if doc.kind == "code" and doc.language == "python":
-            self.records.extend(from_python_source(doc.text, doc.id, self.min_body_lines, self.max_chars,
-                                                   source=doc.source))
+            self.records[split].extend(from_python_source(doc.text, doc.id, self.min_body_lines, self.max_chars,
+                                                          source=doc.source))

@@ -35,9 +35,10 @@ def select(units: list[Path], exact: bool, near, decontam, val_fraction: float, 
                 removed[reason] += 1
                 removed_bytes[reason] += len(doc.text.encode())
                 continue
-            writers["val" if is_validation(doc.id, val_fraction) else "train"].write(doc)
+            split = "val" if is_validation(doc.id, val_fraction) else "train"
+            writers[split].write(doc)
             if on_doc is not None:
-                on_doc(doc)
+                on_doc(doc, split)
     for w in writers.values():
         w.close()
     return {"paths": {s: w.paths for s, w in writers.items()}, "docs": {s: w.docs for s, w in writers.items()},

@@ -128,10 +128,10 @@ def _tokenizer(cfg: DictConfig, docs):
 
 
 def _instruct(cfg: DictConfig, collector, out_dir: Path, skips: Skips) -> dict:
-    """Write instruct/train.jsonl and val.jsonl from the corpus's code and the listed instruction files."""
-    records = list(collector.records) if collector is not None else []
-    for path in cfg.instruct.files:
-        records.extend(instruct.read_jsonl(Path(path).expanduser(), skips))
-    train, val = instruct.split(records, cfg.instruct.val_fraction)
-    return {"train": instruct.write_jsonl(out_dir / "train.jsonl", train),
-            "val": instruct.write_jsonl(out_dir / "val.jsonl", val)}
+    """instruct/{train,val}.jsonl: pairs from the corpus's code follow their document's split (validation pairs
+    come from held-out documents); pairs from the listed instruction files are split by a hash of their id."""
+    records = collector.records if collector is not None else {"train": [], "val": []}
+    user = [r for path in cfg.instruct.files for r in instruct.read_jsonl(Path(path).expanduser(), skips)]
+    train, val = instruct.split(user, cfg.instruct.val_fraction)
+    return {"train": instruct.write_jsonl(out_dir / "train.jsonl", records["train"] + train),
+            "val": instruct.write_jsonl(out_dir / "val.jsonl", records["val"] + val)}

@@ -14,12 +14,13 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shap
 
 def test_smoke_pipeline_with_wandb_offline_leaks_no_key(tmp_path):
     out = cli("lifecycle.pipeline", f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'pipeline' / 'p'}",
-              "experiment=smoke", "logger=wandb", 'stages.data=["max_bytes=400000"]',
+              "experiment=smoke", "logger=wandb", 'steps.data.overrides=["max_bytes=400000"]',
               env={"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     manifest = json.loads((tmp_path / "pipeline" / "p" / "manifest.json").read_text())
-    stages = manifest["metrics"]["stages"]
-    assert list(stages) == ["data", "pretrain", "finetune"]
+    stages = manifest["metrics"]["steps"]
+    assert list(stages) == ["data", "pretrain", "evaluate_base", "finetune", "evaluate_tuned"]
+    assert manifest["metrics"]["gates"]["evaluate_tuned"] in ("pass", "fail")
     pretrain_dir = Path(stages["pretrain"]["run_dir"])
     assert (tmp_path / "pretrain" / "latest").resolve() == pretrain_dir
     pre = json.loads((pretrain_dir / "manifest.json").read_text())
@@ -36,8 +37,8 @@ def test_smoke_pipeline_with_wandb_offline_leaks_no_key(tmp_path):
 
 def test_failed_stage_stops_the_pipeline_and_keeps_latest(tmp_path):
     out = cli("lifecycle.pipeline", f"paths.output_root={tmp_path}", "experiment=smoke",
-              'stages.data=["source=[files]","sources.files.path=/nonexistent/docs"]', timeout=300)
+              'steps.data.overrides=["source=[files]","sources.files.path=/nonexistent/docs"]', timeout=300)
     assert out.returncode != 0
     assert "path '/nonexistent/docs' does not exist" in out.stderr
-    assert "stage `data` failed" in out.stderr
+    assert "step `data` (lifecycle data) failed" in out.stderr
     assert not (tmp_path / "data" / "latest").exists() and not (tmp_path / "pretrain").exists()

@@ -1,0 +1,1 @@
+"""`lifecycle evaluate`: intrinsic metrics, benchmark tasks, samples, contamination and the promotion gate."""
