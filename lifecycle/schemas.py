@@ -1,0 +1,302 @@
+"""Typed schemas of the stages' settings: types and ranges, checked before any model loads (lifecycle.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from lifecycle.errors import ConfigError
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {reason}")
+
+
+@dataclass
+class TrainerSchema:
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    max_steps: int = 500
+    max_epochs: int = -1
+    val_check_interval: int = 100
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    use_distributed_sampler: bool = False
+    enable_model_summary: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.val_check_interval >= 1, "trainer.val_check_interval", "must be >= 1 (steps)")
+        _require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+        _require(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+        clip = self.gradient_clip_val
+        _require(clip is None or clip >= 0, "trainer.gradient_clip_val", "must be >= 0 or null")
+
+
+@dataclass
+class OptimizerSchema:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 "optimizer.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optimizer.eps", "must be > 0")
+
+
+@dataclass
+class SchedulerSchema:
+    _target_: str = "lifecycle.training.schedule.warmup_cosine"
+    _partial_: bool = True
+    warmup_steps: int = 20
+    total_steps: int = 500
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "scheduler.warmup_steps", "must be >= 0")
+        _require(self.total_steps >= 1, "scheduler.total_steps", "must be >= 1")
+        _require(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class DataModuleSchema:
+    _target_: str = "lifecycle.training.datamodule.PackedDataModule"
+    dir: str = "outputs/data/latest"
+    seq_len: int = 256
+    batch_size: int = 8
+    val_batches: int = 16
+    num_workers: int = 0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class InstructDataSchema(DataModuleSchema):
+    _target_: str = "lifecycle.training.instruct_data.InstructDataModule"
+    packing: bool = False
+
+
+@dataclass
+class EarlyStoppingSchema:
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.patience >= 1, "early_stopping.patience", "must be >= 1 (validations without improvement)")
+        _require(self.min_delta >= 0, "early_stopping.min_delta", "must be >= 0")
+
+
+@dataclass
+class FinetuneSettingsSchema:
+    epochs: Optional[float] = 2
+
+    def __post_init__(self) -> None:
+        _require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0 or null, got {self.epochs}")
+
+
+class NonFinitePolicy(Enum):
+    halt = "halt"
+    skip = "skip"
+
+
+@dataclass
+class TrainSchema:
+    ckpt_every_n_steps: int = 100
+    nonfinite: NonFinitePolicy = NonFinitePolicy.halt
+    max_skipped_steps: int = 5
+    restore_rng: bool = True
+    peak_flops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _require(self.ckpt_every_n_steps >= 1, "train.ckpt_every_n_steps", "must be >= 1")
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
+        _require(self.peak_flops is None or self.peak_flops > 0, "train.peak_flops", "must be > 0 or null")
+
+
+@dataclass
+class SamplesSchema:
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "samples.max_new_tokens", "must be >= 1")
+        _require(self.temperature >= 0, "samples.temperature", "must be >= 0 (0 = greedy)")
+        _require(self.top_k >= 0, "samples.top_k", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class DecontamSchema:
+    references: list[str] = field(default_factory=list)
+    ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.ngram >= 5, "decontam.ngram", f"must be >= 5 words (short n-grams match everything), got {self.ngram}")
+
+
+@dataclass
+class InstructSchema:
+    from_code: bool = True
+    files: list[str] = field(default_factory=list)
+    min_body_lines: int = 3
+    max_chars: int = 2000
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.val_fraction < 1, "instruct.val_fraction", "must be in [0, 1)")
+        _require(self.min_body_lines >= 1 and self.max_chars >= 64, "instruct",
+                 "min_body_lines must be >= 1 and max_chars >= 64")
+
+
+@dataclass
+class PartitionSchema:
+    index: int = 0
+    count: int = 1
+    only_units: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 1 and 0 <= self.index < self.count, "partition",
+                 f"needs 0 <= partition.index < partition.count, got index {self.index}, count {self.count}")
+
+
+@dataclass
+class DataSettingsSchema:
+    """The data stage's own top-level settings."""
+    workers: int = 2
+    max_bytes: Optional[int] = None
+    cache_dir: str = "outputs/data/.cache"
+    exact_dedup: bool = True
+    val_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        _require(self.max_bytes is None or self.max_bytes > 0, "max_bytes", "must be > 0 or null")
+        _require(0 < self.val_fraction <= 0.5, "val_fraction", f"must be in (0, 0.5], got {self.val_fraction}")
+
+
+class TokenizerKind(Enum):
+    bpe = "bpe"
+    pretrained = "pretrained"
+
+
+@dataclass
+class TokenizerSchema:
+    kind: TokenizerKind = TokenizerKind.bpe
+    vocab_size: Optional[int] = 8192
+    min_frequency: Optional[int] = 2
+    name_or_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind == TokenizerKind.bpe:
+            _require(self.vocab_size is not None and 260 <= self.vocab_size <= 2**31 - 1,
+                     "tokenizer.vocab_size", f"must be >= 260 (256 bytes + special tokens), got {self.vocab_size}")
+
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@dataclass
+class PrecisionSchema:
+    value: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.value in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}; got {self.value!r}")
+
+
+# ---- evaluate: what is evaluated, on which held-out data, which tasks, and the promotion gate ----
+@dataclass
+class TargetSchema:
+    model: str = "???"
+    base: Optional[str] = None
+    endpoint: Optional[str] = None
+    endpoint_model: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.endpoint is None or self.endpoint.startswith(("http://", "https://")), "target.endpoint",
+                 f"must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.endpoint!r}")
+
+
+@dataclass
+class EvalDataSchema:
+    dir: str = "outputs/data/latest"
+    seq_len: int = 256
+    batch_size: int = 8
+    val_batches: Optional[int] = 16
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.val_batches is None or self.val_batches >= 1, "data.val_batches", "must be >= 1 or null (all)")
+
+
+@dataclass
+class EvalTasksSchema:
+    names: list[str] = field(default_factory=list)
+    num_fewshot: int = 0
+    limit: Optional[int] = None
+    batch_size: int = 8
+    max_items: int = 500
+    context_lines: int = 6
+    choices: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.num_fewshot >= 0, "tasks.num_fewshot", "must be >= 0")
+        _require(self.limit is None or self.limit >= 1, "tasks.limit", "must be >= 1 or null (every item)")
+        _require(self.batch_size >= 1 and self.max_items >= 1, "tasks", "batch_size and max_items must be >= 1")
+        _require(self.context_lines >= 1, "tasks.context_lines", "must be >= 1")
+        _require(self.choices >= 2, "tasks.choices", f"must be >= 2 (the answer and a distractor), got {self.choices}")
+
+
+@dataclass
+class ContaminationSchema:
+    ngram: int = 13
+
+    def __post_init__(self) -> None:
+        _require(self.ngram >= 5, "contamination.ngram", f"must be >= 5 words, got {self.ngram}")
+
+
+class Change(Enum):
+    absolute = "absolute"
+    relative = "relative"
+
+
+GATE_OPS = ("<=", ">=", "<", ">")
+
+
+@dataclass
+class GateRuleSchema:
+    metric: str = "???"
+    change: Change = Change.absolute
+    op: str = ">="
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.metric.startswith("eval/"), "gate.rules", f"metric must name an eval/... metric (a glob such as "
+                 f"eval/task/*/acc is allowed), got {self.metric!r}")
+        _require(self.op in GATE_OPS, "gate.rules", f"op must be one of {', '.join(GATE_OPS)}; got {self.op!r} "
+                 f"in the rule for {self.metric}")
+
+
+@dataclass
+class GateSchema:
+    incumbent: Optional[str] = None
+    rules: list[GateRuleSchema] = field(default_factory=list)
