@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,17 @@ def data_dir(tmp_path_factory) -> Path:
 def data_cfg(tmp_path: Path, *overrides: str, run: str = "r"):
     """A tiny data-stage config writing under tmp_path/out, with its own cache."""
     return make_cfg("data", tmp_path / "out" / "data" / run, [*TINY, *overrides])
+
+
+def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
+    """`rate` of the words substituted, deleted or inserted (a third each, at random places)."""
+    words = text.split()
+    for _ in range(max(1, round(rate * len(words)))):
+        i, op = rng.randrange(len(words)), rng.randrange(3)
+        if op == 0:
+            words[i] = rng.choice(vocab)
+        elif op == 1:
+            del words[i]
+        else:
+            words.insert(i, rng.choice(vocab))
+    return " ".join(words)

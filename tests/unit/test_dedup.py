@@ -18,6 +18,8 @@ from lifecycle import CONF_DIR
 from lifecycle.data.dedup import ExactDuplicates, NearDuplicates, exact_key, normalize_for_hash
 from lifecycle.errors import ConfigError
 
+from conftest import edit
+
 DOCSTRING = re.compile(r'"""(.*?)"""', re.DOTALL)
 N_DOCS = 300
 
@@ -48,20 +50,6 @@ def prose() -> list[str]:
             docs.append((text, shingles))
     assert len(docs) >= N_DOCS
     return [text for text, _ in docs[:N_DOCS]]
-
-
-def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
-    """`rate` of the words substituted, deleted or inserted (a third each, at random places)."""
-    words = text.split()
-    for _ in range(max(1, round(rate * len(words)))):
-        i, op = rng.randrange(len(words)), rng.randrange(3)
-        if op == 0:
-            words[i] = rng.choice(vocab)
-        elif op == 1:
-            del words[i]
-        else:
-            words.insert(i, rng.choice(vocab))
-    return " ".join(words)
 
 
 def test_planted_near_duplicates_precision_and_recall(prose):

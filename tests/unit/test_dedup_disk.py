@@ -14,6 +14,8 @@ from lifecycle.data.dedup_disk import EXACT, NEAR, duplicate_flags
 from lifecycle.data.document import Document
 from lifecycle.data.process import _write_unit, read_unit
 
+from conftest import edit
+
 
 def minhash() -> NearDuplicates:
     return NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1)  # conf/dedup/minhash
@@ -23,20 +25,6 @@ def vocabulary(size: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     return sorted({"".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(size)})
-
-
-def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
-    """`rate` of the words substituted, deleted or inserted (a third each, at random places)."""
-    words = text.split()
-    for _ in range(max(1, round(rate * len(words)))):
-        i, op = rng.randrange(len(words)), rng.randrange(3)
-        if op == 0:
-            words[i] = rng.choice(vocab)
-        elif op == 1:
-            del words[i]
-        else:
-            words.insert(i, rng.choice(vocab))
-    return " ".join(words)
 
 
 def variant(text: str, rng: random.Random) -> str:
