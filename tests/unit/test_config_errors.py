@@ -23,7 +23,7 @@ from conftest import cli, make_cfg
     ("scheduler.min_lr_ratio=2", ["scheduler.min_lr_ratio", "[0, 1]"]),
     ("precision.value=fp8", ["precision", "32-true"]),
     ("train.nonfinite=ignore", ["train.nonfinite", "ignore"]),
-    ("+logger.api_key=0123456789abcdef0123456789abcdef", ["logger.api_key", "environment"]),
+    ("+logger.api_key=not-a-real-key-0000", ["logger.api_key", "environment"]),
 ])
 def test_bad_pretrain_override_names_key(override, words, tmp_path):
     cfg = make_cfg("pretrain", tmp_path / "pretrain" / "run", [override])
