@@ -8,7 +8,7 @@ process and of its worker processes is polled from /proc every 0.2 s; the table 
 corpus. Figures go to benchmarks/results/data_memory.json.
 
     python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400
-    python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400 --set '~dedup' '++dedup={}'  # no MinHash
+    python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400 --set dedup=none  # no MinHash
 
 Why RLIMIT_DATA, not RLIMIT_AS: AS counts address space reserved, not used (shared libraries, glibc arenas, thread
 stacks): the stage needs an AS cap of ~550-700 MB even on a 16 MB corpus. Since Linux 4.7 RLIMIT_DATA counts
@@ -17,7 +17,9 @@ fails an allocation past it; on 16 MB it needs ~250-350 MB. It still overstates 
 scipy (via datasketch) make VmData ~230 MB at import for ~75 MB of anonymous RSS. The cap is per process and
 inherited by the forked workers, so the whole tree may use up to (workers + 1) x cap.
 
-Finding (2 shared CPUs, 2 workers, 400 MB cap, 16 MB input files of ~11 KB documents):
+Finding, measured BEFORE the global dedup became disk-backed (lifecycle/data/dedup_disk.py; not re-run since:
+its own measurements show +26/+38/+50 MB at 20k/100k/400k documents against +111/+582 MB for the in-memory index)
+(2 shared CPUs, 2 workers, 400 MB cap, 16 MB input files of ~11 KB documents):
     near dedup    corpus MB  peak main MB  peak worker MB  wall s  exit
     minhash            64.8         304.8           117.2      79  0
     minhash           259.2   347.8 (cut)           117.4     183  1 (cap hit: +~6 KB per document)
