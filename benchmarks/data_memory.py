@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "lifecycle-data-memory")
-    p.add_argument("--set", nargs="*", default=[], help="more stage overrides; near dedup off: '~dedup' '++dedup={}'")
+    p.add_argument("--set", nargs="*", default=[], help="more stage overrides; near dedup off: dedup=none")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before a run counts as failed (hung)")
     args = p.parse_args()
 
