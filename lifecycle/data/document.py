@@ -1,6 +1,7 @@
 """The one document schema every source yields and every data step reads, and the bookkeeping of drops."""
 from __future__ import annotations
 
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,11 @@ class Document:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Document:
         return cls(**data)
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Held out by a hash of the id: stable across runs and corpus growth (documents and instruction pairs)."""
+    return zlib.crc32(doc_id.encode()) % 10_000 < val_fraction * 10_000
 
 
 @dataclass(frozen=True)

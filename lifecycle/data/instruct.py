@@ -14,11 +14,10 @@ import ast
 import gzip
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from lifecycle.data.document import Skips
+from lifecycle.data.document import Skips, is_validation
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -175,7 +174,7 @@ def split(records: Iterable[dict[str, Any]], val_fraction: float) -> tuple[list[
     """(train, val) by a hash of the record id: stable across runs and as the set grows."""
     train, val = [], []
     for r in records:
-        (val if zlib.crc32(r["id"].encode()) % 10_000 < val_fraction * 10_000 else train).append(r)
+        (val if is_validation(r["id"], val_fraction) else train).append(r)
     return train, val
 
 

@@ -92,12 +92,10 @@ class Worker:
         return doc
 
 
-def read_unit(out: Path) -> tuple[list[Document], np.ndarray, np.ndarray | None]:
-    """A finished unit's kept documents, their exact-dedup digests (n, 16) and MinHash signatures (or None)."""
+def read_unit(out: Path) -> list[Document]:
+    """A finished unit's kept documents (its digest and signature arrays are read by dedup_disk)."""
     with gzip.open(out.with_suffix(".jsonl.gz"), "rt", encoding="utf-8") as f:
-        docs = [Document.from_dict(json.loads(line)) for line in f]
-    sig = out.with_suffix(".sig.npy")
-    return docs, np.load(out.with_suffix(".exact.npy")), (np.load(sig) if sig.is_file() else None)
+        return [Document.from_dict(json.loads(line)) for line in f]
 
 
 def _write_unit(out: Path, docs: list[Document], signatures: list, digests: list) -> None:

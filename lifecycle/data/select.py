@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import json
-import zlib
 from collections import Counter
 from pathlib import Path
 
 from lifecycle.data.corpus_writer import ShardWriter
 from lifecycle.data.dedup_disk import EXACT, NEAR, duplicate_flags
-from lifecycle.data.document import Document
+from lifecycle.data.document import Document, is_validation
 from lifecycle.data.process import read_unit
 from lifecycle.data.progress import progress
-
-
-def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Held-out by a hash of the id: stable across runs and corpus growth."""
-    return zlib.crc32(doc_id.encode()) % 10_000 < val_fraction * 10_000
 
 
 def select(units: list[Path], exact: bool, near, decontam, val_fraction: float, out_dir: Path, work_dir: Path,
@@ -27,7 +21,7 @@ def select(units: list[Path], exact: bool, near, decontam, val_fraction: float, 
     removed_bytes: Counter[str] = Counter()
     first = 0  # global index of the unit's first document in flags
     for out in progress(units, len(units), "dedup", _kept_size):
-        docs, _, _ = read_unit(out)
+        docs = read_unit(out)
         unit_flags, first = flags[first:first + len(docs)], first + len(docs)
         for doc, flag in zip(docs, unit_flags.tolist()):
             reason = _duplicate_or_contaminated(doc, flag, decontam)

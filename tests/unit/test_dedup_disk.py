@@ -69,7 +69,8 @@ def in_memory(units: list[Path], near: NearDuplicates) -> np.ndarray:
     """What select.py's in-memory pass drops, per document: 0, EXACT or NEAR."""
     exact, out = ExactDuplicates(), []
     for unit in units:
-        docs, digests, signatures = read_unit(unit)
+        docs = read_unit(unit)
+        digests, signatures = np.load(unit.with_suffix(".exact.npy")), np.load(unit.with_suffix(".sig.npy"))
         for i, doc in enumerate(docs):
             if exact.seen_digest(doc.id, digests[i].tobytes()) is not None:
                 out.append(EXACT)
