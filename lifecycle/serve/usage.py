@@ -1,0 +1,127 @@
+"""Usage metering and the request log: one row per request (key, model, tokens, latency, status, prompt and output
+statistics), in SQLite (WAL) by default or any SQLAlchemy database URL. Writes happen on a background thread so a
+slow disk never stalls a response."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy import JSON, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, select
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+requests_table = Table(
+    "requests", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ts", Float, nullable=False, index=True),       # unix time the request arrived
+    Column("key_id", String(64), nullable=False, index=True),
+    Column("model", String(256), nullable=False),
+    Column("frontend", String(8), nullable=False),         # rest | grpc
+    Column("route", String(64), nullable=False),
+    Column("status", Integer, nullable=False),             # HTTP status (gRPC codes mapped to their HTTP twin)
+    Column("finish_reason", String(16)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("mean_logprob", Float),                          # the generated tokens' mean log-prob, when computed
+    Column("stats", JSON),                                  # prompt/output statistics for drift monitoring
+    Column("text", JSON),                                   # prompt and output text, only where the config allows
+)
+
+
+@dataclass
+class UsageRecord:
+    key_id: str
+    model: str
+    frontend: str
+    route: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    finish_reason: str | None = None
+    mean_logprob: float | None = None
+    stats: dict | None = None
+    text: dict | None = None
+    ts: float = field(default_factory=time.time)
+
+
+def request_stats(prompt: str, output: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
+    """What the drift monitor compares with the corpus profile, without keeping the text itself."""
+    return {"prompt_chars": len(prompt), "output_chars": len(output), "prompt_token_ids": prompt_ids[:512],
+            "output_token_ids": output_ids[:512], "empty_output": not output.strip()}
+
+
+class UsageMeter:
+    """Queue rows from any thread or coroutine; a writer thread commits them in batches."""
+
+    def __init__(self, url: str, log_text: bool = False):
+        self.url, self.log_text = url, log_text
+        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._queue: queue.Queue[UsageRecord | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
+        self._writer.start()
+
+    def record(self, row: UsageRecord) -> None:
+        if not self.log_text:
+            row.text = None
+        self._queue.put(row)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every queued row is committed."""
+        done = threading.Event()
+        self._queue.put(done)  # type: ignore[arg-type]
+        done.wait(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join(timeout=10)
+        self.engine.dispose()
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 256:
+                batch.append(self._queue.get_nowait())
+            rows = [asdict(r) for r in batch if isinstance(r, UsageRecord)]
+            if rows:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(requests_table.insert(), rows)
+                except Exception:  # metering must never take the server down; the log says what was lost
+                    log.exception("usage: %d rows could not be written to %s", len(rows), self.url)
+            for r in batch:
+                if isinstance(r, threading.Event):
+                    r.set()
+            if any(r is None for r in batch):
+                return
+
+    def statement(self, since: float, until: float) -> list[dict]:
+        """Per key and model: requests, prompt/completion tokens, mean latency and errors in [since, until)."""
+        t = requests_table
+        query = (select(t.c.key_id, t.c.model, func.count().label("requests"),
+                        func.sum(t.c.prompt_tokens).label("prompt_tokens"),
+                        func.sum(t.c.completion_tokens).label("completion_tokens"),
+                        func.avg(t.c.latency_ms).label("mean_latency_ms"),
+                        func.sum((t.c.status >= 400).cast(Integer)).label("errors"))
+                 .where(t.c.ts >= since, t.c.ts < until).group_by(t.c.key_id, t.c.model)
+                 .order_by(t.c.key_id, t.c.model))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (lifecycle usage, monitor) never block the server
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
