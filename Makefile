@@ -14,6 +14,8 @@ $(BIN)/lifecycle: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q torch==2.13.0 -e '.[test]'
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# gRPC stubs are generated from lifecycle/serve/proto, never committed (first import would do it too).
+	$(BIN)/python -m lifecycle.serve.grpc_stubs
 	touch $@
 
 setup: $(BIN)/lifecycle
