@@ -28,6 +28,7 @@ class Throughput(Callback):
         self._t0: float | None = None
         self._tokens, self._losses, self._last_step = 0, [], -1
         self.total_tokens, self.total_seconds, self.steps = 0, 0.0, 0
+        self.seen_tokens = 0  # every step's tokens (padding included): D in the 6·N·D FLOPs of `lifecycle cost`
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.peak_flops is None:
@@ -49,6 +50,7 @@ class Throughput(Callback):
         seconds = time.perf_counter() - self._t0
         tokens_per_s = self._tokens / seconds
         mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size)
+        self.seen_tokens += self._tokens
         if self.steps > 0:  # the first step carries one-off warm-up costs
             self.total_tokens += self._tokens
             self.total_seconds += seconds
@@ -77,6 +79,6 @@ class Throughput(Callback):
 
     def summary(self, device: torch.device) -> dict[str, float]:
         tokens_per_s = self.total_tokens / self.total_seconds if self.total_seconds else float("nan")
-        return {"train/tokens_per_s": round(tokens_per_s, 1),
+        return {"train/tokens_per_s": round(tokens_per_s, 1), "train/tokens": self.seen_tokens,
                 "train/mfu": round(tokens_per_s * self.flops_per_token / (self.peak_flops * self.world), 4),
                 "train/peak_flops": self.peak_flops, "train/peak_mem_mb": round(peak_memory_mb(device), 1)}
