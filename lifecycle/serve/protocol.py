@@ -73,6 +73,10 @@ class ContextTooLong(EngineError):
     """Prompt (+ max_tokens) over the context: HTTP 400 naming both numbers, gRPC INVALID_ARGUMENT."""
 
 
+class InvalidPrompt(EngineError):
+    """An empty prompt or a token id outside the vocabulary: HTTP 400, gRPC INVALID_ARGUMENT."""
+
+
 class NoChatTemplate(EngineError):
     """The model's tokenizer has no chat template: HTTP 400, never 500."""
 

@@ -1,0 +1,129 @@
+"""The KV cache of the jobs decoded together: one preallocated tensor per layer, rows left-padded to a shared column.
+
+Every running row writes its next key/value at the same column `t`, so a decode step is one forward over all rows
+with a per-row position and a padding mask; nothing is re-padded per step. The storage is rebuilt (one copy) only
+when a job joins or leaves, or when the preallocated columns run out.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+GROW = 64  # spare columns allocated at each rebuild: a rebuild per 64 decode steps at most
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values, (rows, kv_heads, capacity, head_dim), written at the batch's column `t`."""
+
+    is_sliding = False
+
+    def __init__(self, batch: Batch, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.batch, self.keys, self.values, self.is_initialized = batch, keys, values, True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        """Storage is allocated by the batch, never lazily."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        t = self.batch.t
+        self.keys[:, :, t] = key_states[:, :, 0]  # (rows, kv_heads, 1, head_dim) -> column t
+        self.values[:, :, t] = value_states[:, :, 0]
+        return self.keys[:, :, :t + 1], self.values[:, :, :t + 1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.batch.t + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.batch.t
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class Batch(Cache):
+    """Rows of running jobs: their KV storage, which columns hold real tokens, and each row's next position."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
+                 positions: torch.Tensor, t: int):
+        super().__init__(layers=[SlotLayer(self, k, v) for k, v in zip(keys, values)])
+        self.valid = valid            # (rows, capacity) bool: column holds a token of that row
+        self.positions = positions    # (rows,) long: the position of each row's next token
+        self.t = t                    # columns in use; the next token of every row goes to column t
+
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @classmethod
+    def from_prefill(cls, cache: Cache, length: int) -> Batch:
+        """One row holding a prompt's keys and values (from a prefill's DynamicCache)."""
+        keys = [_with_capacity(layer.keys, length + GROW) for layer in cache.layers]
+        values = [_with_capacity(layer.values, length + GROW) for layer in cache.layers]
+        valid = torch.zeros(1, length + GROW, dtype=torch.bool, device=keys[0].device)
+        valid[0, :length] = True
+        return cls(keys, values, valid, torch.tensor([length], device=keys[0].device), length)
+
+    def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""
+        if self.t == self.valid.shape[1]:
+            self._grow()
+        self.valid[:, self.t] = True
+        visible = self.valid[:, None, None, :self.t + 1]  # (rows, 1, query=1, keys)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)  # additive: right for sdpa and eager attention alike
+        return self.positions[:, None], mask
+
+    def advance(self) -> None:
+        """After a decode step: every row wrote column t."""
+        self.t += 1
+        self.positions += 1
+
+    def _grow(self) -> None:
+        for layer in self.layers:
+            layer.keys = _with_capacity(layer.keys, self.t + GROW)
+            layer.values = _with_capacity(layer.values, self.t + GROW)
+        self.valid = _with_capacity(self.valid, self.t + GROW)
+
+
+def merge(parts: list[tuple[Batch, list[int]]]) -> Batch | None:
+    """A new batch of the chosen rows of each part, right-aligned at one column, leading empty columns dropped."""
+    parts = [(batch, rows) for batch, rows in parts if rows]
+    if not parts:
+        return None
+    spans = [batch.t - _first_used(batch, rows) for batch, rows in parts]
+    t = max(spans)
+    n_rows = sum(len(rows) for _, rows in parts)
+    first = parts[0][0]
+    keys = [_empty_like(layer.keys, n_rows, t + GROW) for layer in first.layers]
+    values = [_empty_like(layer.values, n_rows, t + GROW) for layer in first.layers]
+    valid = torch.zeros(n_rows, t + GROW, dtype=torch.bool, device=first.valid.device)
+    positions, row = [], 0
+    for (batch, rows), span in zip(parts, spans):
+        index = torch.tensor(rows, device=batch.valid.device)
+        src, dst, n = slice(batch.t - span, batch.t), slice(t - span, t), len(rows)
+        for layer, k, v in zip(batch.layers, keys, values):
+            k[row:row + n, :, dst] = layer.keys.index_select(0, index)[:, :, src]
+            v[row:row + n, :, dst] = layer.values.index_select(0, index)[:, :, src]
+        valid[row:row + n, dst] = batch.valid.index_select(0, index)[:, src]
+        positions.append(batch.positions.index_select(0, index))
+        row += n
+    return Batch(keys, values, valid, torch.cat(positions), t)
+
+
+def _first_used(batch: Batch, rows: list[int]) -> int:
+    """The first column any of `rows` uses (columns before it are padding for all of them)."""
+    used = batch.valid[rows, :batch.t].any(0).nonzero()
+    return int(used[0]) if len(used) else batch.t
+
+
+def _empty_like(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros shaped like `tensor` (rows, heads, columns, head_dim) with other rows/columns."""
+    return tensor.new_zeros(rows, tensor.shape[1], columns, tensor.shape[3])
+
+
+def _with_capacity(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """`tensor` padded with zeros along its column dimension (2 for K/V, 1 for the valid mask) to `columns`."""
+    dim = 2 if tensor.dim() == 4 else 1
+    pad = list(tensor.shape)
+    pad[dim] = columns - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)

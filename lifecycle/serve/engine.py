@@ -1,0 +1,221 @@
+"""The real engine behind the REST and gRPC front ends: a local transformers model with continuous batching.
+
+`LocalEngine` implements lifecycle.serve.protocol.Engine. The model, tokenizer and adapters live on one decode thread
+(lifecycle.serve.scheduler); this class checks requests, queues them and bridges each job's events to asyncio.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from lifecycle.serve.protocol import (
+    ContextTooLong, EngineError, Event, GenerationRequest, InvalidPrompt, ModelNotFound, NoChatTemplate, NotReady,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LocalEngine:
+    """Serves one base model from `model` (a save_pretrained or `lifecycle optimize` directory) and its adapters."""
+
+    def __init__(self, model: str, name: str | None = None, adapters: dict[str, str] | None = None,
+                 max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
+                 device: str = "cpu", dtype: str = "float32", threads: int | None = None,
+                 model_root: str | None = None):
+        self.model_dir = Path(model)
+        self.name = name or self.model_dir.name
+        self.adapter_dirs = dict(adapters or {})
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.device, self.dtype, self.threads = device, dtype, threads
+        self.model_root = Path(model_root).resolve() if model_root else None
+        self.context_length = context_length or _configured_context(self.model_dir)
+        self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready
+        self._served = None
+        self._scheduler = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def model_names(self) -> list[str]:
+        return [self.name, *(self._served.adapters if self._served else ())]
+
+    def stats(self) -> dict[str, int]:
+        s = self._scheduler
+        return {"running": s.running, "queued": len(s.pending)} if s else {"running": 0, "queued": 0}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens only where the tokenizer needs a BOS in front."""
+        tok = self._tokenizer()
+        ids = tok.encode(text, add_special_tokens=False)
+        if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
+            ids = [tok.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer().decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """The chat template applied with the assistant's turn opened; NoChatTemplate when the model has none."""
+        tok = self._tokenizer()
+        if tok.chat_template is None:
+            raise NoChatTemplate(f"model {self.name} has no chat template (its tokenizer_config.json sets none): send "
+                                 "a plain prompt to /v1/completions, or serve a `lifecycle finetune` output")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream the job's events; refusals raise from the first __anext__, closing the stream cancels the job."""
+        job = self._admit(request)
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not job.done:
+                job.cancelled = True
+                self._scheduler.wake.set()
+
+    def _admit(self, request: GenerationRequest):
+        from lifecycle.serve.detok import Detokenizer, StopMatcher
+        from lifecycle.serve.sampler import make_generator
+        from lifecycle.serve.scheduler import Job
+
+        if not self._ready:
+            raise NotReady(f"model {self.name} is not loaded" + (f" (load failed: {self.load_error})"
+                                                                 if self.load_error else ""))
+        if request.model not in self.model_names():
+            raise ModelNotFound(f"model {request.model!r} not found; served: {', '.join(self.model_names())}")
+        self._check_prompt(request)
+        s = self._scheduler
+        if s.running + len(s.pending) >= self.max_batch_size + self.max_queue:
+            wait = s.job_seconds * (1 + len(s.pending)) / self.max_batch_size
+            raise Overloaded(f"{s.running} running and {len(s.pending)} queued requests: at the limit of "
+                             f"{self.max_batch_size} + {self.max_queue}", retry_after=max(1.0, round(wait, 1)))
+        events, loop = asyncio.Queue(), asyncio.get_running_loop()
+        job = Job(request, lambda event: _post(loop, events, event),
+                  Detokenizer(self.decode, request.prompt_ids), StopMatcher(request.sampling.stop),
+                  make_generator(request.sampling.seed))
+        job.events = events
+        s.submit(job)
+        return job
+
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        n, m, limit = len(request.prompt_ids), request.sampling.max_tokens, self.context_length
+        if n == 0:
+            raise InvalidPrompt("the prompt is empty: give at least one token")
+        if n > limit:
+            raise ContextTooLong(f"the prompt has {n} tokens, over the context length of {limit} tokens")
+        if n + m > limit:
+            raise ContextTooLong(f"the prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the context "
+                                 f"length of {limit} tokens: shorten the prompt or ask for at most {limit - n} tokens")
+        vocab = self._served.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidPrompt(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter at runtime, between decode steps; its directory must lie inside model_root."""
+        if not self._ready:
+            raise NotReady(f"model {self.name} is not loaded")
+        if name in self.model_names():
+            raise EngineError(f"a model named {name!r} is already served; unload it first or pick another name")
+        directory = self._inside_root(path)
+        await asyncio.wrap_future(self._scheduler.call(lambda: self._served.add_adapter(name, directory)))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload an adapter between decode steps; its running and queued jobs end with an error."""
+        if not self._ready:
+            raise NotReady(f"model {self.name} is not loaded")
+        if name == self.name:
+            raise EngineError(f"{name!r} is the base model, not an adapter; it cannot be unloaded")
+        await asyncio.wrap_future(self._scheduler.call(lambda: self._unload(name)))
+
+    def _unload(self, name: str) -> None:
+        self._scheduler.drop_model(name, f"adapter {name} was unloaded")
+        self._served.remove_adapter(name)
+
+    def _inside_root(self, path: str) -> Path:
+        """`path` resolved (symlinks followed) and checked to lie inside model_root; ModelNotFound otherwise."""
+        if self.model_root is None:
+            raise EngineError("adapters cannot be loaded at runtime: the engine has no model_root (set "
+                              "engine.model_root to the directory adapters may be loaded from)")
+        given = Path(path)
+        resolved = (given if given.is_absolute() else self.model_root / given).resolve()
+        if not resolved.is_relative_to(self.model_root):
+            raise ModelNotFound(f"adapter path {path!r} is outside the model root {self.model_root}")
+        if not resolved.is_dir():
+            raise ModelNotFound(f"no adapter directory {path!r} under the model root")
+        for file in resolved.iterdir():  # a link inside may still lead out
+            if not file.resolve().is_relative_to(self.model_root):
+                raise ModelNotFound(f"adapter {path!r}: {file.name} links outside the model root")
+        return resolved
+
+    async def start(self) -> None:
+        """Load the model, tokenizer and adapters in a worker thread (so /health answers), then start decoding."""
+        self.load_error = None
+        try:
+            self._served = await asyncio.to_thread(self._load)
+        except Exception as e:
+            self.load_error = e
+            log.error("loading %s failed: %s", self.model_dir, e)
+            raise
+        from lifecycle.serve.scheduler import Scheduler
+
+        self._scheduler = Scheduler(self._served, self.max_batch_size)
+        self._scheduler.thread.start()
+        self._ready = True
+
+    def _load(self):
+        import torch
+
+        from lifecycle.models.load import load_model
+        from lifecycle.serve.served import ServedModel
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model, tokenizer = load_model(self.model_dir, self.device)
+        wanted = getattr(torch, self.dtype)
+        if next(model.parameters()).dtype != wanted:
+            model = model.to(wanted)
+        served = ServedModel(model, tokenizer, self.name)
+        self.context_length = self.context_length or model.config.max_position_embeddings
+        for adapter, directory in self.adapter_dirs.items():
+            served.add_adapter(adapter, Path(directory))
+        return served
+
+    async def stop(self) -> None:
+        """End every job still queued or running, stop the decode thread and free the model."""
+        self._ready = False
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.stop)
+        self._scheduler, self._served = None, None
+
+    def _tokenizer(self):
+        if self._served is None:
+            raise NotReady(f"model {self.name} is not loaded")
+        return self._served.tokenizer
+
+
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
+    """Hand an event from the decode thread to the consumer's event loop (gone if the loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    except RuntimeError:
+        pass
+
+
+def _configured_context(model_dir: Path) -> int:
+    """max_position_embeddings (n_positions for GPT-2) from config.json, read without loading the model; 0 if absent."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return int(config.get("max_position_embeddings") or config.get("n_positions") or 0)

@@ -1,0 +1,248 @@
+"""The decode loop: one thread admitting queued jobs between steps and decoding every running job together.
+
+Each step: run queued control calls (adapter loads), drop cancelled and expired jobs, prefill newcomers into free
+slots, then one forward per adapter group over all of its rows. Events go to the asyncio side through each job's
+`emit` (a call_soon_threadsafe into its queue); a failing job ends with finish_reason "error" and the rest go on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lifecycle.serve.batch import Batch, merge
+from lifecycle.serve.detok import Detokenizer, StopMatcher
+from lifecycle.serve.protocol import Event, GenerationRequest
+from lifecycle.serve.sampler import choose, make_generator, prompt_logprobs, token_logprob
+from lifecycle.serve.served import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation as the loop sees it."""
+    request: GenerationRequest
+    emit: Callable[[Event], None]     # thread-safe hand-off to the consumer
+    detok: Detokenizer
+    stops: StopMatcher
+    generator: torch.Generator
+    cancelled: bool = False           # set by the consumer's side when it goes away
+    admitted: bool = False            # out of the queue, holding a slot
+    done: bool = False
+    completion: int = 0               # tokens generated so far
+    last: int = -1                    # the token to feed at the next decode step
+    started: float = field(default_factory=time.monotonic)
+    events: object = None             # the consumer's asyncio.Queue (only the event loop's thread touches it)
+
+    @property
+    def expired(self) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and time.monotonic() > deadline
+
+
+@dataclass(eq=False)
+class Group:
+    """The running jobs of one model name (base or adapter), decoded by one forward per step."""
+    jobs: list[Job] = field(default_factory=list)
+    batch: Batch | None = None
+
+
+class Scheduler:
+    """Owns the model between steps; everything that touches it runs on this thread."""
+
+    def __init__(self, served: ServedModel, max_batch_size: int):
+        self.served, self.max_batch_size = served, max_batch_size
+        self.pending: deque[Job] = deque()
+        self.lock = threading.Lock()  # pending is appended on the event loop's thread, drained on this one
+        self.groups: dict[str, Group] = {}
+        self.controls: deque[tuple[Callable, Future]] = deque()
+        self.running = 0
+        self.job_seconds = 1.0        # moving average of a job's wall time, for Overloaded's retry_after
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="lifecycle-decode", daemon=True)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            self.pending.append(job)
+        self.wake.set()
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` on the loop thread between steps; the future carries its result or exception."""
+        future = Future()
+        self.controls.append((fn, future))
+        self.wake.set()
+        return future
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
+
+    def drop_model(self, name: str, error: str) -> None:
+        """End every queued and running job of model `name` with an error (its adapter is going away)."""
+        with self.lock:
+            queued = [j for j in self.pending if j.request.model == name]
+            for job in queued:
+                self.pending.remove(job)
+        for job in queued:
+            self._finish(job, "error", error=error)
+        if name in self.groups:
+            self._fail_group(name, error)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            if not (self.pending or self.running or self.controls):
+                self.wake.wait()
+            self.wake.clear()
+            try:
+                self._iteration()
+            except Exception:  # a bug outside any one job: fail what runs, keep serving
+                log.exception("decode loop step failed")
+                for name in list(self.groups):
+                    self._fail_group(name, "internal error in the decode loop (logged by the server)")
+        self._abort_all()
+
+    def _iteration(self) -> None:
+        while self.controls:
+            fn, future = self.controls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+        self._reap()
+        with torch.no_grad():
+            self._admit()
+            for name in list(self.groups):
+                self._step(name)
+
+    def _reap(self) -> None:
+        """Drop cancelled jobs silently and expired ones with finish_reason "timeout"."""
+        with self.lock:
+            gone = [j for j in self.pending if j.cancelled or j.expired]
+            for job in gone:
+                self.pending.remove(job)
+        for job in gone:
+            self._finish(job, "timeout")
+        for name, group in list(self.groups.items()):
+            gone = [j for j in group.jobs if j.cancelled or j.expired]
+            for job in gone:
+                self._finish(job, "timeout")
+            if gone:
+                self._compact(name)
+
+    def _admit(self) -> None:
+        while self.pending and self.running < self.max_batch_size:
+            with self.lock:
+                job = self.pending.popleft()
+            if job.cancelled or job.expired:  # it may have arrived after this iteration's _reap
+                self._finish(job, "timeout")
+                continue
+            job.admitted = True
+            self.running += 1
+            try:
+                self._prefill(job)
+            except Exception as e:
+                log.exception("prefill failed for request %s", job.request.request_id)
+                self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+
+    def _prefill(self, job: Job) -> None:
+        """Run the prompt, emit the first token, and join the job's group unless it already finished."""
+        request, name = job.request, job.request.model
+        echo = request.sampling.echo and request.sampling.logprobs is not None
+        logits, batch = self.served.prefill(name, request.prompt_ids, all_logits=echo)
+        first = None
+        if echo:
+            lp = torch.log_softmax(logits.float(), dim=-1)  # (L, V)
+            first = prompt_logprobs(lp, request.prompt_ids, request.sampling.logprobs, self.served.text)
+        self._advance(job, logits[-1], int(logits[-1].argmax()), prompt=first)
+        if job.done:
+            return
+        group = self.groups.setdefault(name, Group())
+        group.jobs.append(job)
+        group.batch = batch if group.batch is None else merge([(group.batch, list(range(group.batch.rows))),
+                                                               (batch, [0])])
+
+    def _step(self, name: str) -> None:
+        """One decode step for every row of group `name`."""
+        group = self.groups[name]
+        try:
+            logits = self.served.decode(name, [j.last for j in group.jobs], group.batch)  # (rows, V)
+        except Exception as e:
+            log.exception("decode step failed for model %s", name)
+            self._fail_group(name, f"{type(e).__name__}: {e}")
+            return
+        greedy = logits.argmax(-1).tolist()
+        for i, job in enumerate(group.jobs):
+            try:
+                self._advance(job, logits[i], greedy[i])
+            except Exception as e:
+                log.exception("request %s failed", job.request.request_id)
+                self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+        if any(j.done for j in group.jobs):
+            self._compact(name)
+
+    def _advance(self, job: Job, logits: torch.Tensor, greedy: int, prompt=None) -> None:
+        """Choose the job's next token from its logits row (V,), emit it, and finish the job if it ends here."""
+        sampling = job.request.sampling
+        token = choose(logits, greedy, sampling, job.generator)
+        job.completion += 1
+        job.last = token
+        logprobs = []
+        if sampling.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            logprobs = [token_logprob(lp, token, sampling.logprobs, self.served.text)]
+        eos = token in self.served.eos
+        text, stopped = job.stops.feed(job.detok.add(token)) if not eos else ("", False)
+        finish = "stop" if eos or stopped else "length" if job.completion >= sampling.max_tokens else None
+        if finish and not stopped:
+            text += job.stops.feed(job.detok.flush())[0] + job.stops.flush()
+        if finish:
+            self._retire(job)
+        job.emit(Event(text=text, token_ids=[token], logprobs=logprobs, prompt_logprobs=prompt,
+                       finish_reason=finish, prompt_tokens=len(job.request.prompt_ids),
+                       completion_tokens=job.completion))
+
+    def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
+        """End `job` outside the normal token flow (timeout, error, abort); a cancelled job's consumer is gone."""
+        if job.done:
+            return
+        self._retire(job)
+        if not job.cancelled:
+            job.emit(Event(finish_reason=reason, error=error, prompt_tokens=len(job.request.prompt_ids),
+                           completion_tokens=job.completion))
+
+    def _retire(self, job: Job) -> None:
+        job.done = True
+        if job.admitted:
+            self.running -= 1
+            self.job_seconds = 0.8 * self.job_seconds + 0.2 * (time.monotonic() - job.started)
+
+    def _compact(self, name: str) -> None:
+        """Rebuild group `name` without its finished rows; running counts already dropped in _retire."""
+        group = self.groups[name]
+        keep = [i for i, j in enumerate(group.jobs) if not j.done]
+        group.jobs = [group.jobs[i] for i in keep]
+        group.batch = merge([(group.batch, keep)])
+        if not group.jobs:
+            del self.groups[name]
+
+    def _fail_group(self, name: str, error: str) -> None:
+        for job in self.groups.pop(name).jobs:
+            self._finish(job, "error", error=error)
+
+    def _abort_all(self) -> None:
+        """On stop: end everything still queued or running."""
+        with self.lock:
+            jobs = [*self.pending, *(j for g in self.groups.values() for j in g.jobs)]
+            self.pending.clear()
+        for job in jobs:
+            self._finish(job, "error", error="the engine stopped before this generation finished")
+        self.groups.clear()

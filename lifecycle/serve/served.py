@@ -1,0 +1,112 @@
+"""The loaded model as the decode loop uses it: prefill and decode forwards, each under one adapter or the base."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lifecycle.errors import CheckpointError
+from lifecycle.serve.batch import Batch
+from lifecycle.serve.protocol import EngineError, ModelNotFound
+from lifecycle.serve.sampler import TokenTexts
+
+# Adapter types that wrap layers and switch per forward with set_adapter / disable_adapter_layers.
+SERVABLE = ("LORA", "IA3", "BOTTLENECK")
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel:
+    """A base model, its tokenizer and the adapters loaded onto it; one adapter (or none) active per forward."""
+
+    def __init__(self, model, tokenizer, base_name: str):
+        self.lm, self.tokenizer, self.base_name = model, tokenizer, base_name
+        self.wrapper = None           # what load_adapter returned: a PeftModel or our BottleneckModel
+        self.tuner = None             # its tuner (LoraModel, IA3Model, BottleneckModel): switches adapter layers
+        self.adapters: dict[str, str] = {}
+        self.active: str | None = None  # the adapter whose layers are on; None: all off (the base)
+        self.text = TokenTexts(tokenizer)
+        self.eos = _eos_ids(model, tokenizer)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.get_output_embeddings().weight.shape[0]
+
+    def prefill(self, name: str, ids: list[int], all_logits: bool) -> tuple[torch.Tensor, Batch]:
+        """(logits (L, V) or (1, V) for the last token, a one-row batch holding the prompt's keys and values)."""
+        self.select(name)
+        input_ids = torch.tensor([ids], device=self.device)  # (1, L)
+        positions = torch.arange(len(ids), device=self.device)[None]  # (1, L)
+        out = self.lm(input_ids=input_ids, position_ids=positions, use_cache=True,
+                      logits_to_keep=0 if all_logits else 1)
+        return out.logits[0], Batch.from_prefill(out.cache, len(ids))
+
+    def decode(self, name: str, tokens: list[int], batch: Batch) -> torch.Tensor:
+        """Logits (rows, V) for each row's next token after feeding `tokens` (one per row)."""
+        self.select(name)
+        positions, mask = batch.step_inputs(self.dtype)
+        input_ids = torch.tensor(tokens, device=self.device)[:, None]  # (rows, 1)
+        out = self.lm(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=batch,
+                      use_cache=True)
+        batch.advance()
+        return out.logits[:, -1]
+
+    def select(self, name: str) -> None:
+        """Turn on `name`'s adapter layers (or none for the base); a no-op when already so."""
+        wanted = None if name == self.base_name else name
+        if self.tuner is None or wanted == self.active:
+            return
+        if wanted is None:
+            self.tuner.disable_adapter_layers()
+        else:
+            if self.active is None:
+                self.tuner.enable_adapter_layers()
+            self.tuner.set_adapter(wanted, inference_mode=True)
+        self.active = wanted
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load the adapter in `path` as `name` (servable types only)."""
+        from lifecycle.models.adapters import load_adapter, read_config
+
+        kind = read_config(path).get("peft_type")
+        if kind not in SERVABLE:
+            raise EngineError(
+                f"adapter {name} ({path}) is a {kind} adapter; this engine serves {', '.join(SERVABLE)} adapters per "
+                "request. Prompt-learning adapters (prompt/prefix tuning, P-tuning) need their virtual tokens fed "
+                "with every prompt, which it does not do: merge a LoRA/IA3 adapter with `lifecycle optimize`, or "
+                "serve this one with PEFT's generate")
+        from peft import PeftModel
+
+        try:
+            self.wrapper = load_adapter(self.wrapper or self.lm, path, name)
+        except CheckpointError as e:
+            raise EngineError(str(e)) from None
+        # A PeftModel holds its tuner as base_model; our BottleneckModel is the tuner itself. Either way the layers
+        # are injected into self.lm in place, so forwards keep calling self.lm.
+        self.tuner = self.wrapper.base_model if isinstance(self.wrapper, PeftModel) else self.wrapper
+        self.adapters[name] = str(path)
+        self.active = "?"  # loading may switch layers on or off: force the next select to set them
+        self.select(self.base_name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name`; the last one out restores the plain base model."""
+        if name not in self.adapters:
+            raise ModelNotFound(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        del self.adapters[name]
+        if self.adapters:
+            self.tuner.delete_adapter(name)
+            self.active = "?"
+            self.select(self.base_name)
+        else:
+            self.lm, self.wrapper, self.tuner, self.active = self.tuner.unload(), None, None, None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Tokens that end a generation: the tokenizer's EOS and the model's generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, list) else {configured} if configured is not None else set()
+    return ids
