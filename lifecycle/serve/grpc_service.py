@@ -20,18 +20,17 @@ from lifecycle.serve.auth import KeyStore, bearer
 from lifecycle.serve.grpc_stubs import pb2, pb2_grpc
 from lifecycle.serve.metrics import ServeMetrics
 from lifecycle.serve.protocol import (
-    ContextTooLong, Engine, EngineError, Event, GenerationRequest, ModelNotFound, NoChatTemplate, NotReady,
-    Overloaded, Sampling, TokenLogprob,
+    Engine, EngineError, Event, GenerationRequest, ModelNotFound, NotReady, Overloaded, Sampling, TokenLogprob,
 )
 from lifecycle.serve.usage import UsageMeter, UsageRecord, request_stats
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 FRONTEND = "grpc"
-# Engine refusals -> (status, metrics outcome). Anything else an engine raises is INTERNAL / "error".
+# Engine refusals -> (status, metrics outcome). Any other EngineError refuses the request itself (InvalidPrompt,
+# ContextTooLong, NoChatTemplate, ...): INVALID_ARGUMENT. Any other exception is INTERNAL / "error".
 REFUSALS = {Overloaded: (Code.RESOURCE_EXHAUSTED, "rejected"), NotReady: (Code.UNAVAILABLE, "unavailable"),
-            ModelNotFound: (Code.NOT_FOUND, "client_error"), ContextTooLong: (Code.INVALID_ARGUMENT, "client_error"),
-            NoChatTemplate: (Code.INVALID_ARGUMENT, "client_error")}
+            ModelNotFound: (Code.NOT_FOUND, "client_error")}
 # The usage table keeps HTTP statuses so one statement covers both front ends.
 HTTP_TWIN = {Code.OK: 200, Code.INVALID_ARGUMENT: 400, Code.UNAUTHENTICATED: 401, Code.NOT_FOUND: 404,
              Code.RESOURCE_EXHAUSTED: 429, Code.CANCELLED: 499, Code.INTERNAL: 500, Code.UNAVAILABLE: 503,
@@ -61,7 +60,10 @@ def to_engine_request(req, engine: Engine, settings, request_id: str, deadline: 
         raise invalid("prompt", "empty: send a non-empty prompt or prompt_ids")
     if any(t < 0 for t in req.prompt_ids):
         raise invalid("prompt_ids", "token ids are >= 0")
-    max_tokens = req.max_tokens if req.HasField("max_tokens") else s.default_max_tokens
+    prompt_ids = list(req.prompt_ids) or engine.encode(req.prompt)
+    # Unset max_tokens: the default, shortened to what the context leaves (a short request is never refused).
+    room = max(1, engine.context_length - len(prompt_ids))
+    max_tokens = req.max_tokens if req.HasField("max_tokens") else min(s.default_max_tokens, room)
     if not 1 <= max_tokens <= s.max_tokens_cap:
         raise invalid("max_tokens", f"must be in [1, {s.max_tokens_cap}], got {max_tokens}")
     temperature = req.temperature if req.HasField("temperature") else 1.0
@@ -80,7 +82,6 @@ def to_engine_request(req, engine: Engine, settings, request_id: str, deadline: 
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
                         stop=tuple(req.stop), seed=req.seed if req.HasField("seed") else None, logprobs=logprobs,
                         echo=req.echo)
-    prompt_ids = list(req.prompt_ids) or engine.encode(req.prompt)
     return GenerationRequest(prompt_ids=prompt_ids, sampling=sampling, model=req.model or engine.model_names()[0],
                              deadline=deadline, request_id=request_id)
 
@@ -120,7 +121,8 @@ class _Call:
                 if self.finish_reason is None:
                     raise Abort(Code.INTERNAL, "engine error: the stream ended without a finish reason", "error")
             except EngineError as e:
-                code, outcome = REFUSALS.get(type(e), (Code.INTERNAL, "error"))
+                code, outcome = next((v for k, v in REFUSALS.items() if isinstance(e, k)),
+                                     (Code.INVALID_ARGUMENT, "client_error"))
                 raise Abort(code, str(e), outcome, getattr(e, "retry_after", None)) from None
             except (Abort, asyncio.CancelledError, GeneratorExit):
                 raise
