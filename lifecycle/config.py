@@ -17,6 +17,7 @@ from lifecycle.schemas import (
     OptimizerSchema, PartitionSchema, PrecisionSchema, SamplesSchema, SchedulerSchema, TargetSchema,
     TokenizerSchema, TrainSchema, TrainerSchema,
 )
+from lifecycle.schemas import UsageSettingsSchema
 
 
 # What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable;
@@ -37,6 +38,7 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "evaluate": {"target": TargetSchema, "data": EvalDataSchema, "tasks": EvalTasksSchema,
                  "contamination": ContaminationSchema, "samples": SamplesSchema, "gate": GateSchema, "logger": None},
     "pipeline": {"logger": None},
+    "usage": {ROOT: UsageSettingsSchema, "logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 

@@ -300,3 +300,22 @@ class GateRuleSchema:
 class GateSchema:
     incumbent: Optional[str] = None
     rules: list[GateRuleSchema] = field(default_factory=list)
+
+
+# ---- usage: the per-key statement of the serving usage meter ----
+class StatementFormat(Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@dataclass
+class UsageSettingsSchema:
+    db: str = "???"
+    since: str = "30d"
+    until: Optional[str] = None
+    key: Optional[str] = None
+    format: StatementFormat = StatementFormat.table
+
+    def __post_init__(self) -> None:
+        _require("://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db; got {self.db!r}")

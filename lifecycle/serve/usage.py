@@ -8,8 +8,14 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from sqlalchemy import JSON, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, select
+from sqlalchemy import (
+    JSON, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, inspect, select,
+)
+from sqlalchemy.engine import make_url
+
+from lifecycle.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +112,46 @@ class UsageMeter:
             if any(r is None for r in batch):
                 return
 
-    def statement(self, since: float, until: float) -> list[dict]:
+    def statement(self, since: float, until: float, key_id: str | None = None) -> list[dict]:
         """Per key and model: requests, prompt/completion tokens, mean latency and errors in [since, until)."""
-        t = requests_table
-        query = (select(t.c.key_id, t.c.model, func.count().label("requests"),
-                        func.sum(t.c.prompt_tokens).label("prompt_tokens"),
-                        func.sum(t.c.completion_tokens).label("completion_tokens"),
-                        func.avg(t.c.latency_ms).label("mean_latency_ms"),
-                        func.sum((t.c.status >= 400).cast(Integer)).label("errors"))
-                 .where(t.c.ts >= since, t.c.ts < until).group_by(t.c.key_id, t.c.model)
-                 .order_by(t.c.key_id, t.c.model))
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [dict(r._mapping) for r in conn.execute(_statement_query(since, until, key_id))]
+
+
+def read_statement(url: str, since: float, until: float, key_id: str | None = None) -> list[dict]:
+    """UsageMeter.statement of the database at `url`, read-only: no writer thread, and a database that does not
+    exist yet (no file, no table) raises NoUsage instead of being created empty."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
+        raise NoUsage(url)
+    engine = create_engine(url)
+    try:
+        if not inspect(engine).has_table(requests_table.name):
+            raise NoUsage(url)
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(_statement_query(since, until, key_id))]
+    finally:
+        engine.dispose()
+
+
+class NoUsage(DataError):
+    """The usage database is not there yet: nothing has been served with metering on."""
+
+    def __init__(self, url: str):
+        super().__init__(f"no usage recorded yet: {url} does not exist; start `lifecycle serve` (it meters every "
+                         "request there), or point db= at the server's usage database")
+
+
+def _statement_query(since: float, until: float, key_id: str | None):
+    t = requests_table
+    query = (select(t.c.key_id, t.c.model, func.count().label("requests"),
+                    func.sum(t.c.prompt_tokens).label("prompt_tokens"),
+                    func.sum(t.c.completion_tokens).label("completion_tokens"),
+                    func.avg(t.c.latency_ms).label("mean_latency_ms"),
+                    func.sum((t.c.status >= 400).cast(Integer)).label("errors"))
+             .where(t.c.ts >= since, t.c.ts < until).group_by(t.c.key_id, t.c.model)
+             .order_by(t.c.key_id, t.c.model))
+    return query if key_id is None else query.where(t.c.key_id == key_id)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -1,0 +1,1 @@
+"""`lifecycle usage`: a per-key statement of what the server metered (requests, tokens, latency, errors)."""
