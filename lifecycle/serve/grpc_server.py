@@ -116,9 +116,9 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def deny(_request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                             "missing or unknown API key: send metadata `authorization: Bearer <key>`")
-    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}[(handler.request_streaming, handler.response_streaming)]
+    shapes = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    make = shapes[(handler.request_streaming, handler.response_streaming)]
     return make(deny, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
