@@ -17,6 +17,10 @@ from lifecycle.schemas import (
     OptimizerSchema, PartitionSchema, PrecisionSchema, SamplesSchema, SchedulerSchema, TargetSchema,
     TokenizerSchema, TrainSchema, TrainerSchema,
 )
+from lifecycle.schemas import (
+    BillingSchema, BusinessSchema, CompareFiltersSchema, CompareSettingsSchema, CostRunsSchema, HardwareSchema,
+    ProjectionSchema, ServingSchema,
+)
 from lifecycle.schemas import UsageSettingsSchema
 
 
@@ -39,6 +43,9 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
                  "contamination": ContaminationSchema, "samples": SamplesSchema, "gate": GateSchema, "logger": None},
     "pipeline": {"logger": None},
     "usage": {ROOT: UsageSettingsSchema, "logger": None},
+    "cost": {"runs": CostRunsSchema, "serving": ServingSchema, "hardware": HardwareSchema, "measured_on": HardwareSchema,
+             "business": BusinessSchema, "projection": ProjectionSchema, "billing": BillingSchema, "logger": None},
+    "compare": {ROOT: CompareSettingsSchema, "filters": CompareFiltersSchema, "logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 

@@ -319,3 +319,127 @@ class UsageSettingsSchema:
 
     def __post_init__(self) -> None:
         _require("://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db; got {self.db!r}")
+
+
+# ---- cost: the runs priced, the serving measurement, hardware profiles, the business case, projection, billing ----
+@dataclass
+class CostRunsSchema:
+    data: Optional[str] = None
+    pretrain: Optional[str] = None
+    finetune: Optional[str] = None
+
+
+@dataclass
+class ServingSchema:
+    run: Optional[str] = None
+    benchmark: Optional[str] = None
+    throughput_key: str = "serve/tokens_per_s"
+    latency_key: str = "serve/latency_ms_p50"
+
+
+@dataclass
+class HardwareSchema:
+    name: str = "???"
+    accelerator: str = "cpu"
+    usd_per_hour: Optional[float] = None
+    peak_flops: Optional[float] = None
+    memory_gb: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        where = f"hardware profile {self.name!r} (conf/cost/hardware/{self.name}.yaml)"
+        _require(self.usd_per_hour is not None, "usd_per_hour", f"missing in {where}: set the price per device-hour, "
+                 "e.g. usd_per_hour: 2.99")
+        _require(self.usd_per_hour > 0, "usd_per_hour", f"must be > 0 in {where}, got {self.usd_per_hour}")
+        _require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", f"must be > 0 or null in {where}")
+
+
+@dataclass
+class BusinessSchema:
+    revenue_increase_usd_per_year: float = 0.0
+    cost_savings_usd_per_year: float = 0.0
+    efficiency_gain_usd_per_year: float = 0.0
+    requests_per_month: float = 0.0
+    tokens_per_request: float = 0.0
+    labelling_usd_per_example: float = 0.0
+    horizon_months: int = 12
+
+    def __post_init__(self) -> None:
+        _require(min(self.requests_per_month, self.tokens_per_request, self.labelling_usd_per_example) >= 0,
+                 "business", "traffic and labelling figures must be >= 0")
+        _require(self.horizon_months >= 1, "business.horizon_months", "must be >= 1")
+
+
+@dataclass
+class ProjectionSchema:
+    params: float = 1e9
+    tokens: float = 2e10
+    devices: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.params > 0 and self.tokens > 0, "projection", "params and tokens must be > 0")
+        _require(self.devices >= 1, "projection.devices", "must be >= 1")
+
+
+@dataclass
+class BillingSchema:
+    db: Optional[str] = None
+    since: Optional[str] = None
+    until: Optional[str] = None
+    prompt_usd_per_1k: float = 0.0
+    completion_usd_per_1k: float = 0.0
+    models: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.prompt_usd_per_1k >= 0 and self.completion_usd_per_1k >= 0, "billing",
+                 "prices per 1K tokens must be >= 0")
+
+
+# ---- compare: which runs are put side by side, and what is shown ----
+class CompareSource(Enum):
+    local = "local"
+    wandb = "wandb"
+
+
+@dataclass
+class CompareSettingsSchema:
+    backend: CompareSource = CompareSource.local
+    root: str = "outputs"
+    columns: list[str] = field(default_factory=list)
+    bars: list[str] = field(default_factory=list)
+    wandb_path: Optional[str] = None
+
+
+CANDIDATE_STAGES = ("pretrain", "finetune", "optimize")
+
+
+@dataclass
+class CompareFiltersSchema:
+    stage: Optional[str] = None
+    group: Optional[str] = None
+    strategy: Optional[str] = None
+    since: Optional[str] = None
+    until: Optional[str] = None
+    glob: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.stage is None or self.stage in CANDIDATE_STAGES, "filters.stage",
+                 f"must be one of {', '.join(CANDIDATE_STAGES)} (the stages that make a model) or null; got {self.stage!r}")
+
+
+# ---- usage: the per-key statement of the serving usage meter ----
+class StatementFormat(Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@dataclass
+class UsageSettingsSchema:
+    db: str = "???"
+    since: str = "30d"
+    until: Optional[str] = None
+    key: Optional[str] = None
+    format: StatementFormat = StatementFormat.table
+
+    def __post_init__(self) -> None:
+        _require("://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db; got {self.db!r}")

@@ -1,0 +1,1 @@
+"""`lifecycle compare`: runs side by side, joined by lineage across stages."""

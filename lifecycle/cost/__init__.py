@@ -1,0 +1,1 @@
+"""`lifecycle cost`: what the lifecycle costs, from measured runs and configured prices."""
