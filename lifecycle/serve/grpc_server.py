@@ -44,17 +44,17 @@ GENERATION = pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-@dataclass(frozen=True)
+@dataclass
 class GrpcSettings:
-    """The gRPC front end's settings (names shared with the REST front end where they overlap)."""
+    """The gRPC front end's settings (serve.grpc; names and defaults as RestSettings where they overlap)."""
     host: str = "127.0.0.1"
     port: int = 50051
     max_message_bytes: int = 1 << 20   # a larger request message: RESOURCE_EXHAUSTED
-    max_tokens_cap: int = 2048         # max_tokens above it: INVALID_ARGUMENT
-    default_max_tokens: int = 256      # when a request leaves max_tokens unset
+    max_tokens_cap: int = 4096         # max_tokens above it: INVALID_ARGUMENT
+    default_max_tokens: int = 16       # when a request leaves max_tokens unset (clamped to what the context leaves)
     max_stop: int = 4                  # stop sequences per request
     max_logprobs: int = 20             # most likely tokens per position
-    request_timeout_s: float = 300.0   # caps every request's deadline (a client may set a shorter one)
+    request_timeout_s: float = 600.0   # caps every request's deadline (a client may set a shorter one)
     readiness_poll_s: float = 0.2      # how often health Watch streams see engine.ready changes
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class GrpcSettings:
                   "request_timeout_s": self.request_timeout_s > 0, "readiness_poll_s": self.readiness_poll_s > 0}
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"grpc.{name}={getattr(self, name)}: out of range "
+                raise ConfigError(f"serve.grpc.{name}={getattr(self, name)}: out of range "
                                   "(default_max_tokens must also be <= max_tokens_cap)")
 
 

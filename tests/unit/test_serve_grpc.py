@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lifecycle.errors import ConfigError
 from lifecycle.serve.auth import KeyStore, digest
 from lifecycle.serve.grpc_server import GENERATION, GrpcSettings, build_server
 from lifecycle.serve.grpc_stubs import pb2, pb2_grpc
@@ -33,6 +34,7 @@ class Env:
     channel: grpc.aio.Channel
     metrics: ServeMetrics
     meter: UsageMeter
+    server: grpc.aio.Server
 
     def outcomes(self) -> dict[str, float]:
         """lifecycle_requests{frontend="grpc"} summed per outcome."""
@@ -74,7 +76,7 @@ def serve(tmp_path):
             await server.start()
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    await test(Env(engine, pb2_grpc.GenerationStub(channel), channel, metrics, meter))
+                    await test(Env(engine, pb2_grpc.GenerationStub(channel), channel, metrics, meter, server))
             finally:
                 await server.stop(None)
                 meter.close()
@@ -140,7 +142,12 @@ def test_health_follows_engine_readiness_without_a_key(serve):
         assert await check() == states.SERVING
         await env.engine.stop()  # draining
         assert (await asyncio.wait_for(watch.read(), 2)).status == states.NOT_SERVING
+        await env.engine.start()
+        assert (await asyncio.wait_for(watch.read(), 2)).status == states.SERVING
+        stopping = asyncio.ensure_future(env.server.stop(2.0))  # shutdown: NOT_SERVING before the port closes
+        assert (await asyncio.wait_for(watch.read(), 2)).status == states.NOT_SERVING
         watch.cancel()
+        await stopping
         assert env.outcomes()["unavailable"] == 1
     serve(test, start=False)
 
@@ -284,6 +291,13 @@ def test_engine_failure_mid_stream_ends_with_internal(serve):
         env.meter.flush()
         assert env.meter.statement(0, time.time() + 1)[0]["errors"] == 2
     serve(test, fail_after=3)
+
+
+def test_settings_out_of_range_name_the_key():
+    for bad in ({"max_tokens_cap": 0}, {"default_max_tokens": 9000}, {"max_message_bytes": 10}, {"port": -1},
+                {"request_timeout_s": 0}):
+        with pytest.raises(ConfigError, match=f"serve.grpc.{next(iter(bad))}="):
+            GrpcSettings(**bad)
 
 
 class Unlisted(EngineError):
