@@ -17,11 +17,12 @@ from lifecycle.schemas import (
     OptimizerSchema, PartitionSchema, PrecisionSchema, SamplesSchema, SchedulerSchema, TargetSchema,
     TokenizerSchema, TrainSchema, TrainerSchema,
 )
+from lifecycle.schemas import BenchSchema, OptimizeSourceSchema
+from lifecycle.schemas import UsageSettingsSchema
 from lifecycle.schemas import (
     BillingSchema, BusinessSchema, CompareFiltersSchema, CompareSettingsSchema, CostRunsSchema, HardwareSchema,
     ProjectionSchema, ServingSchema,
 )
-from lifecycle.schemas import UsageSettingsSchema
 
 
 # What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable;
@@ -42,10 +43,13 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "evaluate": {"target": TargetSchema, "data": EvalDataSchema, "tasks": EvalTasksSchema,
                  "contamination": ContaminationSchema, "samples": SamplesSchema, "gate": GateSchema, "logger": None},
     "pipeline": {"logger": None},
-    "usage": {ROOT: UsageSettingsSchema, "logger": None},
+    "optimize": {"source": OptimizeSourceSchema, "passes": TARGETS, "bench": BenchSchema, "trainer": TrainerSchema,
+                 "data": DataModuleSchema, "precision": PrecisionSchema, "optimizer": OptimizerSchema,
+                 "scheduler": SchedulerSchema, "logger": None, "train": TrainSchema},
     "cost": {"runs": CostRunsSchema, "serving": ServingSchema, "hardware": HardwareSchema, "measured_on": HardwareSchema,
              "business": BusinessSchema, "projection": ProjectionSchema, "billing": BillingSchema, "logger": None},
     "compare": {ROOT: CompareSettingsSchema, "filters": CompareFiltersSchema, "logger": None},
+    "usage": {ROOT: UsageSettingsSchema, "logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 

@@ -229,6 +229,7 @@ class TargetSchema:
     base: Optional[str] = None
     endpoint: Optional[str] = None
     endpoint_model: Optional[str] = None
+    endpoint_key_env: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.endpoint is None or self.endpoint.startswith(("http://", "https://")), "target.endpoint",
@@ -302,23 +303,26 @@ class GateSchema:
     rules: list[GateRuleSchema] = field(default_factory=list)
 
 
-# ---- usage: the per-key statement of the serving usage meter ----
-class StatementFormat(Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
+# ---- optimize: the model a variant starts from and how speed is measured ----
+@dataclass
+class OptimizeSourceSchema:
+    model: str = "???"
+    base: Optional[str] = None
 
 
 @dataclass
-class UsageSettingsSchema:
-    db: str = "???"
-    since: str = "30d"
-    until: Optional[str] = None
-    key: Optional[str] = None
-    format: StatementFormat = StatementFormat.table
+class BenchSchema:
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 3
 
     def __post_init__(self) -> None:
-        _require("://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db; got {self.db!r}")
+        _require(self.prompt_tokens >= 1, "bench.prompt_tokens", "must be >= 1")
+        _require(self.new_tokens >= 2, "bench.new_tokens", "must be >= 2 (decode speed excludes the first token)")
+        _require(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "bench.batch_sizes",
+                 f"must be a non-empty list of sizes >= 1, got {self.batch_sizes}")
+        _require(self.repeats >= 1, "bench.repeats", "must be >= 1")
 
 
 # ---- cost: the runs priced, the serving measurement, hardware profiles, the business case, projection, billing ----

@@ -22,7 +22,8 @@ def run(cfg: DictConfig) -> dict:
     started, config = time.time(), resolved(cfg)
     data_dir, names = Path(cfg.data.dir), list(cfg.tasks.names)
     # Everything that can be wrong is checked before a model loads: the target, the incumbent, the task names.
-    target = resolve(cfg.target.model, cfg.target.base, cfg.target.endpoint, cfg.target.endpoint_model)
+    target = resolve(cfg.target.model, cfg.target.base, cfg.target.endpoint, cfg.target.endpoint_model,
+                     cfg.target.endpoint_key_env)
     incumbent = gate.incumbent_metrics(cfg.gate.incumbent)
     _require_data_run(data_dir)
     run_dir = artifacts.start_run(cfg.paths.run_dir, config)
@@ -79,9 +80,9 @@ def _evaluate(cfg: DictConfig, target, manager) -> tuple[dict, dict | None, list
     task_args = (list(t.names), manager, t.num_fewshot, t.limit, t.batch_size, cfg.seed)
     sampling = (list(s.prompts), s.max_new_tokens, s.temperature, s.top_k, cfg.seed)
     if target.kind == "endpoint":  # no held-out metrics: they need the served model's log-probs of whole texts
-        results = tasks.evaluate_endpoint(target.endpoint, target.endpoint_model, target.path, *task_args) \
-            if manager else None
-        return {}, results, complete(target.endpoint, target.endpoint_model, *sampling)
+        where = (target.endpoint, target.endpoint_model, target.headers())
+        results = tasks.evaluate_endpoint(*where, target.path, *task_args) if manager else None
+        return {}, results, complete(*where, *sampling)
     model, tokenizer = load(target)
     held_out = {"general": intrinsic.general(model, tokenizer, Path(d.dir), d.seq_len, d.batch_size, d.val_batches),
                 "domain": intrinsic.domain(model, tokenizer, Path(d.dir), d.batch_size, d.val_batches)}

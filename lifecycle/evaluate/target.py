@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,11 @@ class Target:
     base: Path | None = None     # an adapter's base model directory
     endpoint: str | None = None
     endpoint_model: str | None = None
+    key_env: str | None = None   # the environment variable holding the endpoint's API key (never the key)
+
+    def headers(self) -> dict[str, str]:
+        """The endpoint's Authorization header, when the key's environment variable is set."""
+        return endpoint_headers(self.key_env)
 
     def record(self) -> dict:
         """The manifest's inputs entry: paths with content hashes, the endpoint by URL and model name."""
@@ -31,7 +37,13 @@ class Target:
         return {**record, "base": artifacts.input_record(self.base)} if self.base else record
 
 
-def resolve(model: str, base: str | None, endpoint: str | None, endpoint_model: str | None) -> Target:
+def endpoint_headers(key_env: str | None) -> dict[str, str]:
+    key = os.environ.get(key_env) if key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def resolve(model: str, base: str | None, endpoint: str | None, endpoint_model: str | None,
+            key_env: str | None = None) -> Target:
     """Check the target before anything heavy loads: directories complete, adapter base present, endpoint alive."""
     path = _run_output(Path(model).expanduser())
     if not path.is_dir():
@@ -39,8 +51,9 @@ def resolve(model: str, base: str | None, endpoint: str | None, endpoint_model: 
                           f"({MODEL_DIRS}), e.g. target.model=outputs/pretrain/latest/model")
     if endpoint:
         _require_files(path, "target.model", {"a tokenizer (tokenizer.json)": ["tokenizer.json"]})
-        return Target("endpoint", path, endpoint=endpoint.rstrip("/"),
-                      endpoint_model=_endpoint_model(endpoint.rstrip("/"), endpoint_model))
+        url = endpoint.rstrip("/")
+        return Target("endpoint", path, endpoint=url, key_env=key_env,
+                      endpoint_model=_endpoint_model(url, endpoint_model, endpoint_headers(key_env), key_env))
     if not is_adapter_dir(path):
         _check_model_dir(path, "target.model")
         return Target("model", path)
@@ -75,13 +88,17 @@ def _require_files(path: Path, key: str, wanted: dict[str, list[str]]) -> None:
                         f"by save_pretrained ({MODEL_DIRS}), or re-run the stage that wrote it")
 
 
-def _endpoint_model(url: str, name: str | None) -> str:
+def _endpoint_model(url: str, name: str | None, headers: dict[str, str], key_env: str | None) -> str:
     """GET <url>/models within a few seconds: the served model names; a dead endpoint fails here, not mid-run."""
     try:
-        with urllib.request.urlopen(f"{url}/models", timeout=ENDPOINT_TIMEOUT_S) as response:
+        request = urllib.request.Request(f"{url}/models", headers=headers)
+        with urllib.request.urlopen(request, timeout=ENDPOINT_TIMEOUT_S) as response:
             listed = [m["id"] for m in json.load(response).get("data", []) if isinstance(m, dict) and "id" in m]
     except (OSError, ValueError) as e:  # refused, timed out, HTTP error status, not JSON
         reason = getattr(e, "reason", None) or e
+        if getattr(e, "code", None) == 401:
+            raise ConfigError(f"target.endpoint={url}: 401 unauthorized; export the server's API key in "
+                              f"${key_env} (target.endpoint_key_env names the variable)") from None
         raise ConfigError(f"target.endpoint={url}: not reachable (GET {url}/models: {reason}); start the server "
                           "(lifecycle serve) or fix the URL (an OpenAI-compatible base URL ending in /v1)") from None
     if name and listed and name not in listed:

@@ -183,16 +183,16 @@ def harness_model(model, tokenizer, batch_size: int):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def evaluate_endpoint(endpoint: str, model_name: str, tokenizer_dir: Path, names: list[str], tasks,
-                      num_fewshot: int, limit: int | None, batch_size: int, seed: int) -> dict:
-    """Run the tasks against an OpenAI-compatible /v1/completions server (lm-eval's local-completions).
-
-    Not yet exercised end to end: it needs the serving stage, whose /completions must return echoed prompt
-    log-probs (`echo: true, logprobs: 1`) for multiple-choice scoring.
-    """
+def evaluate_endpoint(endpoint: str, model_name: str, headers: dict[str, str], tokenizer_dir: Path,
+                      names: list[str], tasks, num_fewshot: int, limit: int | None, batch_size: int,
+                      seed: int) -> dict:
+    """Run the tasks against an OpenAI-compatible /v1/completions server (lm-eval's local-completions); scoring
+    multiple choice needs the server's echoed prompt log-probs (`echo: true, logprobs: 1`), as `lifecycle serve`
+    returns them."""
     args = {"model": model_name, "base_url": f"{endpoint}/completions", "tokenizer": str(tokenizer_dir),
             "tokenizer_backend": "huggingface", "tokenized_requests": True, "batch_size": batch_size,
-            "num_concurrent": 1, "max_retries": 2, "seed": seed}
+            "num_concurrent": 1, "max_retries": 2, "seed": seed,
+            **({"header": headers} if headers else {})}
     return _simple_evaluate("local-completions", args, names, tasks, num_fewshot, limit, seed)
 
 

@@ -17,12 +17,20 @@ IGNORE = -100
 
 
 class CausalLM(LightningModule):
-    """Next-token cross-entropy on {"input_ids", "labels"} batches (labels already shifted, -100 ignored)."""
+    """Next-token cross-entropy on {"input_ids", "labels"} batches (labels already shifted, -100 ignored).
+
+    With a `teacher`, training minimises distill_alpha·T²·KL(teacher_T ‖ model_T) + (1 - distill_alpha)·CE on
+    temperature-T-softened logits (Hinton et al., 2015); validation still reports plain cross-entropy.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
-                 max_skipped_steps: int = 5, restore_rng: bool = True):
+                 max_skipped_steps: int = 5, restore_rng: bool = True, teacher: torch.nn.Module | None = None,
+                 distill_temperature: float = 2.0, distill_alpha: float = 0.5):
         super().__init__()
         self.model, self.optimizer_factory, self.scheduler_factory = model, optimizer, scheduler
+        # A frozen submodule so it follows the student across devices; its weights also ride in checkpoints.
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
         self.nonfinite, self.max_skipped_steps, self.restore_rng = nonfinite, max_skipped_steps, restore_rng
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE)
@@ -39,8 +47,26 @@ class CausalLM(LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
         return loss, logits
 
+    def distill_loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """The teacher's softened distribution matched on every labelled position, mixed with the hard-label CE."""
+        with torch.no_grad():
+            target = self.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        mask, t = batch["labels"] != IGNORE, self.distill_temperature                   # (B, T)
+        student = F.log_softmax(logits[mask].float() / t, dim=-1)                        # (N, V)
+        teacher = F.log_softmax(target[:, -logits.shape[1]:][mask].float() / t, dim=-1)  # (N, V)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return self.distill_alpha * t * t * kl + (1 - self.distill_alpha) * ce
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning switches the whole module to train mode; the teacher must not drop out
+        return self
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss, _ = self.compute_loss(batch)
+        loss, logits = self.compute_loss(batch)
+        if self.teacher is not None:
+            loss = self.distill_loss(batch, logits, loss)
         if not torch.isfinite(loss):
             return self._on_nonfinite(loss)
         self.skipped_in_a_row = 0

@@ -13,10 +13,11 @@ from lifecycle.training.callbacks import Throughput
 from lifecycle.training.module import CausalLM
 
 
-def make_module(cfg: DictConfig, model) -> CausalLM:
-    """The one LightningModule, with the configured optimizer, schedule and non-finite-loss policy."""
+def make_module(cfg: DictConfig, model, teacher=None, temperature: float = 2.0, alpha: float = 0.5) -> CausalLM:
+    """The one LightningModule, with the configured optimizer, schedule and non-finite-loss policy (and a teacher
+    to distill from, if given)."""
     return CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
-                    cfg.train.max_skipped_steps, cfg.train.restore_rng)
+                    cfg.train.max_skipped_steps, cfg.train.restore_rng, teacher, temperature, alpha)
 
 
 def resume_path(cfg: DictConfig, stage: str, module: CausalLM) -> Path | None:
