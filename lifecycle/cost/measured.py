@@ -81,22 +81,32 @@ def _serving_metrics(run: str | None, benchmark: str | None) -> tuple[dict | Non
     if benchmark:
         path = Path(benchmark)
         if not path.is_file():
-            return None, f"serving.benchmark={benchmark}: no such file; {SERVING_HINT}"
+            return None, f"{SERVING_HINT} (serving.benchmark={benchmark}: no such file)"
         data = json.loads(path.read_text())
         return data.get("metrics", data), str(path.resolve())
     run_dir, m, why = manifest(run, "serve")
     if m is None:
-        return None, f"{why}; {SERVING_HINT}"
+        return None, f"{SERVING_HINT} ({why.split(':')[0]})"
     return m["metrics"], f"{run_dir}/manifest.json"
 
 
 def _put_metric(fig: Figures, key: str, metrics: dict, metric: str, src: str) -> bool:
-    value = metrics.get(metric)
+    value = _lookup(metrics, metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:  # NaN: not measured
         fig.miss(key, f"{metric} not in {src}")
         return False
     fig.put(key, float(value), f"{metric} ({src})")
     return True
+
+
+def _lookup(metrics: dict, key: str):
+    """metrics[key], else the nested value a dotted key names (runs.engine_concurrent8.tokens_per_s in a JSON)."""
+    if key in metrics:
+        return metrics[key]
+    node = metrics
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _params(stage: str, x: dict) -> tuple[float | None, str]:

@@ -166,3 +166,10 @@ def _cfg(sweep: Path):
     from omegaconf import OmegaConf
 
     return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+
+
+def test_serving_throughput_is_read_from_a_nested_benchmark_json(runs, tmp_path):
+    bench = tmp_path / "serve_engine.json"
+    bench.write_text(json.dumps({"runs": {"engine_concurrent8": {"tokens_per_s": 400.0, "ttft_ms_p50": 9.0}}}))
+    m = run(cost_cfg(runs, f"serving.benchmark={bench}", "serving.throughput_key=runs.engine_concurrent8.tokens_per_s"))
+    assert m["cost/inference/usd_per_1k"] == pytest.approx(2 / (400 * 3600) * 1000)
