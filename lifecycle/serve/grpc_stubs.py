@@ -35,9 +35,14 @@ def generate(proto: Path = PROTO, out: Path = OUT) -> Path:
     target = out / f"h{source_hash(proto)}"
     if (target / "__init__.py").is_file():
         return target
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "__init__.py").touch()
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "__init__.py").touch()
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
+    except OSError as e:
+        raise RuntimeError(f"gRPC stubs for {proto.name} are missing and {out} is not writable ({e.strerror}); "
+                           "run `python -m lifecycle.serve.grpc_stubs` once as the user who installed lifecycle "
+                           "(`make setup` does)") from None
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the stubs from other users of a shared install
     try:
         _protoc(proto, tmp)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lifecycle.serve import grpc_stubs
 from lifecycle.serve.grpc_stubs import PROTO, generate, source_hash
 
@@ -59,3 +61,12 @@ def test_losing_the_rename_race_keeps_the_winners_copy(tmp_path, monkeypatch):
     target = generate(proto, out)
     assert (target / "__init__.py").read_text() == "# the winner's copy\n"
     assert sorted(p.name for p in out.iterdir()) == ["__init__.py", target.name]
+
+
+
+def test_an_unwritable_install_says_how_to_generate(tmp_path):
+    proto, blocker = tmp_path / PROTO.name, tmp_path / "site-packages"
+    proto.write_text(PROTO.read_text())
+    blocker.write_text("a file where the package directory should be: unwritable even for root")
+    with pytest.raises(RuntimeError, match="run `python -m lifecycle.serve.grpc_stubs`"):
+        generate(proto, blocker / "_generated")
