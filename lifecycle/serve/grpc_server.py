@@ -16,8 +16,9 @@ Statuses: a bad field -> INVALID_ARGUMENT naming it; ModelNotFound -> NOT_FOUND;
 with both numbers; Overloaded -> RESOURCE_EXHAUSTED with `retry-after` (seconds) in trailing metadata; NotReady ->
 UNAVAILABLE; a message over max_message_bytes -> RESOURCE_EXHAUSTED (from gRPC itself, before our code: not
 counted in the metrics); deadline (the client's, capped at request_timeout_s) -> DEADLINE_EXCEEDED and the job is
-aborted; client cancel -> the engine iterator is closed (job aborted); an engine failure, even mid-stream ->
-INTERNAL carrying the engine's error. Each call is one `lifecycle_requests{frontend="grpc"}` sample and one usage
+aborted; client cancel -> the engine iterator is closed (job aborted); an engine failure, even mid-stream, or a
+stream without a finish reason -> INTERNAL carrying the engine's error; a job the engine drops itself (finish_reason
+"cancelled", e.g. while stopping) -> UNAVAILABLE. Any other EngineError (InvalidPrompt, ...) -> INVALID_ARGUMENT. Each call is one `lifecycle_requests{frontend="grpc"}` sample and one usage
 row (lifecycle.serve.grpc_service).
 """
 from __future__ import annotations

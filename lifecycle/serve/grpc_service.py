@@ -135,6 +135,8 @@ class _Call:
             raise Abort(Code.INTERNAL, f"engine error: {event.error or 'unknown'}", "error")
         if event.finish_reason == "timeout":
             raise Abort(Code.DEADLINE_EXCEEDED, "deadline exceeded; the job was aborted", "timeout")
+        if event.finish_reason == "cancelled":  # the engine dropped the job itself (stopping): worth a retry
+            raise Abort(Code.UNAVAILABLE, "the server aborted the job (shutting down); retry", "unavailable")
         if event.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if event.prompt_logprobs is not None:

@@ -18,7 +18,7 @@ from lifecycle.serve.auth import KeyStore, digest
 from lifecycle.serve.grpc_server import GENERATION, GrpcSettings, build_server
 from lifecycle.serve.grpc_stubs import pb2, pb2_grpc
 from lifecycle.serve.metrics import OUTCOMES, ServeMetrics
-from lifecycle.serve.protocol import EngineError
+from lifecycle.serve.protocol import EngineError, Event
 from lifecycle.serve.testing import FakeEngine
 from lifecycle.serve.usage import UsageMeter
 
@@ -305,7 +305,8 @@ class Unlisted(EngineError):
 
 
 class BrokenEngine(FakeEngine):
-    """Fails the ways a real engine might: an unlisted refusal, a crash mid-stream, a stream cut short."""
+    """Fails the ways a real engine might: an unlisted refusal, a crash mid-stream, a stream cut short, a job
+    dropped by the engine itself."""
     mode = ""
 
     async def generate(self, request):
@@ -313,9 +314,11 @@ class BrokenEngine(FakeEngine):
             async for i, event in _enumerate(events):
                 if self.mode == "refuse":
                     raise Unlisted("prompt token id 999 is outside the vocabulary")
-                if i == 2 and self.mode in ("crash", "cut"):
-                    if self.mode == "crash":
-                        raise RuntimeError("CUDA error: device-side assert")
+                if i == 2 and self.mode == "crash":
+                    raise RuntimeError("CUDA error: device-side assert")
+                if i == 2 and self.mode == "shutdown":
+                    event = Event(finish_reason="cancelled", prompt_tokens=1, completion_tokens=2)
+                if i == 2 and self.mode == "cut":
                     return
                 yield event
 
@@ -331,13 +334,14 @@ def test_engine_exceptions_and_short_streams_are_never_a_quiet_success(serve):
     async def test(env: Env):
         for mode, code, words in (("refuse", Code.INVALID_ARGUMENT, "outside the vocabulary"),
                                   ("crash", Code.INTERNAL, "device-side assert"),
-                                  ("cut", Code.INTERNAL, "without a finish reason")):
+                                  ("cut", Code.INTERNAL, "without a finish reason"),
+                                  ("shutdown", Code.UNAVAILABLE, "retry")):
             env.engine.mode = mode
             for rpc in (env.stub.Generate, env.stub.GenerateStream):
                 error = await refused(rpc(pb2.GenerateRequest(prompt="x", max_tokens=10), metadata=AUTH))
                 assert error.code() == code and words in error.details(), (mode, error)
         await env.idle()
-        assert env.outcomes()["client_error"] == 2 and env.outcomes()["error"] == 4
+        assert (env.outcomes()["client_error"], env.outcomes()["error"], env.outcomes()["unavailable"]) == (2, 4, 2)
     serve(test, kind=BrokenEngine)
 
 
