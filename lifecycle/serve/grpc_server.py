@@ -18,8 +18,9 @@ UNAVAILABLE; a message over max_message_bytes -> RESOURCE_EXHAUSTED (from gRPC i
 counted in the metrics); deadline (the client's, capped at request_timeout_s) -> DEADLINE_EXCEEDED and the job is
 aborted; client cancel -> the engine iterator is closed (job aborted); an engine failure, even mid-stream, or a
 stream without a finish reason -> INTERNAL carrying the engine's error; a job the engine drops itself (finish_reason
-"cancelled", e.g. while stopping) -> UNAVAILABLE. Any other EngineError (InvalidPrompt, ...) -> INVALID_ARGUMENT. Each call is one `lifecycle_requests{frontend="grpc"}` sample and one usage
-row (lifecycle.serve.grpc_service).
+"cancelled", e.g. while stopping) -> UNAVAILABLE; any other EngineError (InvalidPrompt, ...) -> INVALID_ARGUMENT.
+Each call is one `lifecycle_requests{frontend="grpc"}` sample and one usage row (lifecycle.serve.grpc_service):
+key id, model (served names only; anything else is "unknown"), tokens, latency, TTFT, HTTP-twin status.
 """
 from __future__ import annotations
 
