@@ -55,13 +55,14 @@ class Batch(Cache):
         return self.valid.shape[0]
 
     @classmethod
-    def from_prefill(cls, cache: Cache, length: int) -> Batch:
-        """One row holding a prompt's keys and values (from a prefill's DynamicCache)."""
-        keys = [_with_capacity(layer.keys, length + GROW) for layer in cache.layers]
-        values = [_with_capacity(layer.values, length + GROW) for layer in cache.layers]
-        valid = torch.zeros(1, length + GROW, dtype=torch.bool, device=keys[0].device)
-        valid[0, :length] = True
-        return cls(keys, values, valid, torch.tensor([length], device=keys[0].device), length)
+    def from_prefill(cls, cache: Cache, valid: torch.Tensor) -> Batch:
+        """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width)."""
+        rows, width = valid.shape
+        pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
+        # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
+        keys = [_with_capacity(layer.keys.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
+        values = [_with_capacity(layer.values.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
+        return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""

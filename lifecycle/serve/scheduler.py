@@ -139,6 +139,8 @@ class Scheduler:
                 self._compact(name)
 
     def _admit(self) -> None:
+        """Move queued jobs into free slots, prefilling those of one model together."""
+        newcomers: dict[str, list[Job]] = {}
         while self.pending and self.running < self.max_batch_size:
             with self.lock:
                 job = self.pending.popleft()
@@ -147,28 +149,37 @@ class Scheduler:
                 continue
             job.admitted = True
             self.running += 1
+            newcomers.setdefault(job.request.model, []).append(job)
+        for name, jobs in newcomers.items():
             try:
-                self._prefill(job)
+                self._prefill(name, jobs)
             except Exception as e:
-                log.exception("prefill failed for request %s", job.request.request_id)
-                self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+                log.exception("prefill failed for model %s", name)
+                for job in jobs:
+                    self._finish(job, "error", error=f"{type(e).__name__}: {e}")
 
-    def _prefill(self, job: Job) -> None:
-        """Run the prompt, emit the first token, and join the job's group unless it already finished."""
-        request, name = job.request, job.request.model
-        echo = request.sampling.echo and request.sampling.logprobs is not None
-        logits, batch = self.served.prefill(name, request.prompt_ids, all_logits=echo)
-        first = None
-        if echo:
-            lp = torch.log_softmax(logits.float(), dim=-1)  # (L, V)
-            first = prompt_logprobs(lp, request.prompt_ids, request.sampling.logprobs, self.served.text)
-        self._advance(job, logits[-1], int(logits[-1].argmax()), prompt=first)
-        if job.done:
+    def _prefill(self, name: str, jobs: list[Job]) -> None:
+        """Run the prompts, emit each first token, and add the jobs that go on to the model's group."""
+        echo = [j.request.sampling.echo and j.request.sampling.logprobs is not None for j in jobs]
+        logits, batch = self.served.prefill(name, [j.request.prompt_ids for j in jobs], all_logits=any(echo))
+        for job, rows, wants in zip(jobs, logits, echo):
+            prompt = None
+            if wants:
+                lp = torch.log_softmax(rows.float(), dim=-1)  # (L, V)
+                prompt = prompt_logprobs(lp, job.request.prompt_ids, job.request.sampling.logprobs,
+                                         self.served.text)
+            try:
+                self._advance(job, rows[-1], int(rows[-1].argmax()), prompt=prompt)
+            except Exception as e:
+                log.exception("request %s failed", job.request.request_id)
+                self._finish(job, "error", error=f"{type(e).__name__}: {e}")
+        joining = [i for i, job in enumerate(jobs) if not job.done]
+        if not joining:
             return
         group = self.groups.setdefault(name, Group())
-        group.jobs.append(job)
-        group.batch = batch if group.batch is None else merge([(group.batch, list(range(group.batch.rows))),
-                                                               (batch, [0])])
+        old = [(group.batch, list(range(group.batch.rows)))] if group.batch is not None else []
+        group.jobs += [jobs[i] for i in joining]
+        group.batch = merge([*old, (batch, joining)])
 
     def _step(self, name: str) -> None:
         """One decode step for every row of group `name`."""

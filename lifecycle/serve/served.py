@@ -35,14 +35,18 @@ class ServedModel:
     def vocab_size(self) -> int:
         return self.lm.get_output_embeddings().weight.shape[0]
 
-    def prefill(self, name: str, ids: list[int], all_logits: bool) -> tuple[torch.Tensor, Batch]:
-        """(logits (L, V) or (1, V) for the last token, a one-row batch holding the prompt's keys and values)."""
+    def prefill(self, name: str, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
+        """Run prompts together (left-padded): per prompt its logits ((L, V), or (1, V) for the last token only),
+        and a batch holding their keys and values, one row each."""
         self.select(name)
-        input_ids = torch.tensor([ids], device=self.device)  # (1, L)
-        positions = torch.arange(len(ids), device=self.device)[None]  # (1, L)
-        out = self.lm(input_ids=input_ids, position_ids=positions, use_cache=True,
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)
+        valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (n, width): each prompt counts from 0
+        out = self.lm(input_ids=ids, attention_mask=valid.long(), position_ids=positions, use_cache=True,
                       logits_to_keep=0 if all_logits else 1)
-        return out.logits[0], Batch.from_prefill(out.cache, len(ids))
+        logits = [row[width - len(p):] if all_logits else row for row, p in zip(out.logits, prompts)]
+        return logits, Batch.from_prefill(out.cache, valid)
 
     def decode(self, name: str, tokens: list[int], batch: Batch) -> torch.Tensor:
         """Logits (rows, V) for each row's next token after feeding `tokens` (one per row)."""

@@ -366,3 +366,107 @@ def test_truncated_weights_fail_start_naming_the_file(llama_dir, tmp_path):
 
     engine = run(main())
     assert not engine.ready and "truncated" in str(engine.load_error)
+
+
+@pytest.fixture(scope="module")
+def loras(llama_dir):
+    """Two LoRA adapters with random (non-zero) weights, saved under the model root's adapters/."""
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    for i, name in enumerate(("a1", "a2")):
+        torch.manual_seed(10 + i)
+        base = LlamaForCausalLM.from_pretrained(llama_dir)
+        config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False)
+        dirs[name] = llama_dir.parent / "adapters" / name
+        get_peft_model(base, config).save_pretrained(dirs[name])
+    return dirs
+
+
+def peft_greedy(llama_dir, loras, ids, n) -> dict[str, list[int]]:
+    """Greedy tokens of the base and of each adapter, through PeftModel with that adapter set."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_dir), loras["a1"], adapter_name="a1")
+    model.load_adapter(loras["a2"], adapter_name="a2")
+    model.eval()
+    out = {}
+    for name in ("a1", "a2"):
+        model.set_adapter(name)
+        out[name] = hf_greedy(model, ids, n)
+    with model.disable_adapter():
+        out["llama"] = hf_greedy(model, ids, n)
+    return out
+
+
+def test_two_loras_and_the_base_served_at_once_match_peft(llama_dir, loras, tokenizer):
+    async def main():
+        adapters = {name: str(path) for name, path in loras.items()}
+        async with serving(llama_dir, adapters=adapters) as engine:
+            names = engine.model_names()
+            results = await asyncio.gather(*(collect(engine, ask(engine, PROMPTS[k], model=name, max_tokens=16))
+                                             for k in (1, 2) for name in names))
+            return names, [tokens(r) for r in results]
+
+    names, got = run(main())
+    assert names == ["llama", "a1", "a2"]
+    for k, prompt in enumerate((PROMPTS[1], PROMPTS[2])):
+        expected = peft_greedy(llama_dir, loras, ids_of(tokenizer, prompt), 16)
+        assert len({tuple(v) for v in expected.values()}) == 3  # the adapters change the output
+        assert got[3 * k:3 * k + 3] == [expected[name] for name in names]
+
+
+def test_runtime_adapters_stay_inside_the_model_root(llama_dir, loras, tmp_path):
+    from peft import PromptTuningConfig, get_peft_model
+
+    outside = tmp_path / "outside"
+    shutil.copytree(loras["a1"], outside)
+    root = llama_dir.parent
+    link = root / "adapters" / "leads_out"
+    if not link.exists():
+        os.symlink(outside, link)
+    prompt_tuned = root / "adapters" / "prompt_tuned"
+    get_peft_model(LlamaForCausalLM.from_pretrained(llama_dir),
+                   PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(prompt_tuned)
+
+    async def main():
+        async with serving(llama_dir, model_root=str(root)) as engine:
+            for path in (str(outside), "../../outside", str(link), "adapters/leads_out", "adapters/missing"):
+                with pytest.raises(ModelNotFound):
+                    await engine.load_adapter("x", path)
+            with pytest.raises(EngineError, match="LORA, IA3, BOTTLENECK") as refused:
+                await engine.load_adapter("pt", "adapters/prompt_tuned")
+            running = asyncio.create_task(collect(engine, ask(engine, PROMPTS[1], max_tokens=40)))
+            await asyncio.sleep(0.02)
+            await engine.load_adapter("a3", "adapters/a2")  # between decode steps of the running job
+            names = engine.model_names()
+            served = await collect(engine, ask(engine, PROMPTS[1], model="a3", max_tokens=8))
+            await engine.unload_adapter("a3")
+            with pytest.raises(ModelNotFound):
+                await engine.generate(ask(engine, PROMPTS[1], model="a3")).__anext__()
+            return names, tokens(served), await running, str(refused.value)
+
+    names, served, running, refused = run(main())
+    assert names == ["llama", "a3"] and len(served) == 8
+    assert running[-1].finish_reason in ("length", "stop") and "optimize" in refused
+
+
+@pytest.mark.parametrize("family", ["llama_dir", "gpt2_dir"])
+def test_padded_prefill_and_a_decode_step_equal_plain_forwards(family, request, tokenizer):
+    from lifecycle.models.load import load_model
+    from lifecycle.serve.batch import merge
+
+    model, tok = load_model(request.getfixturevalue(family))
+    served = ServedModel(model, tok, "base")
+    prompts = [ids_of(tokenizer, p) for p in PROMPTS[1:4]]  # 3 lengths: left padding up to 8 columns
+    with torch.no_grad():
+        logits, batch = served.prefill("base", prompts, all_logits=True)
+        _, late = served.prefill("base", [ids_of(tokenizer, PROMPTS[0])], all_logits=False)
+        batch = merge([(batch, [0, 2]), (late, [0])])  # one row leaves, one joins
+        rows = [prompts[0], prompts[2], ids_of(tokenizer, PROMPTS[0])]
+        stepped = served.decode("base", [7, 8, 9], batch)  # (3, V)
+        for p, got in zip(prompts, logits):
+            assert torch.allclose(got, model(torch.tensor([p])).logits[0], atol=1e-4)
+        for row, token, got in zip(rows, [7, 8, 9], stepped):
+            assert torch.allclose(got, model(torch.tensor([row + [token]])).logits[0, -1], atol=1e-4)
