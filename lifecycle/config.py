@@ -46,8 +46,9 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "optimize": {"source": OptimizeSourceSchema, "passes": TARGETS, "bench": BenchSchema, "trainer": TrainerSchema,
                  "data": DataModuleSchema, "precision": PrecisionSchema, "optimizer": OptimizerSchema,
                  "scheduler": SchedulerSchema, "logger": None, "train": TrainSchema},
-    "cost": {"runs": CostRunsSchema, "serving": ServingSchema, "hardware": HardwareSchema, "measured_on": HardwareSchema,
-             "business": BusinessSchema, "projection": ProjectionSchema, "billing": BillingSchema, "logger": None},
+    "cost": {"runs": CostRunsSchema, "serving": ServingSchema, "hardware": HardwareSchema,
+             "measured_on": HardwareSchema, "business": BusinessSchema, "projection": ProjectionSchema,
+             "billing": BillingSchema, "logger": None},
     "compare": {ROOT: CompareSettingsSchema, "filters": CompareFiltersSchema, "logger": None},
     "usage": {ROOT: UsageSettingsSchema, "logger": None},
 }

@@ -427,7 +427,8 @@ class CompareFiltersSchema:
 
     def __post_init__(self) -> None:
         _require(self.stage is None or self.stage in CANDIDATE_STAGES, "filters.stage",
-                 f"must be one of {', '.join(CANDIDATE_STAGES)} (the stages that make a model) or null; got {self.stage!r}")
+                 f"must be one of {', '.join(CANDIDATE_STAGES)} (the stages that make a model) or null; "
+                 f"got {self.stage!r}")
 
 
 # ---- usage: the per-key statement of the serving usage meter ----

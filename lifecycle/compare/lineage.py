@@ -52,7 +52,8 @@ def row(lineage: Lineage, candidate: Run, root: Path) -> dict:
     """One candidate's row: identity, then each ancestor's metrics, then its newest evaluation, serving and cost."""
     chain = lineage.chain(candidate)
     out = {"run": os.path.relpath(candidate.dir, root.resolve()), "stage": candidate.stage, "group": candidate.name,
-           "strategy": candidate.strategy() or "", "created": candidate.created.isoformat() if candidate.created else "",
+           "strategy": candidate.strategy() or "",
+           "created": candidate.created.isoformat() if candidate.created else "",
            "lineage": " <- ".join(f"{r.stage}:{r.dir.name}" for r in chain[1:])}
     for run in reversed(chain):  # ancestors first, so the candidate's own figures win a clash
         out |= flat(run)

@@ -98,21 +98,29 @@ def plot_bars(rows: list[dict], columns: list[str], path: Path) -> bool:
     if not numeric:
         return False
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 0.4 * len(rows) + 1.6), squeeze=False)
+    cols = min(3, len(numeric))
+    grid = (-(-len(numeric) // cols), cols)
+    figure, axes = plt.subplots(*grid, figsize=(3.4 * cols + 2.5, grid[0] * (0.35 * len(rows) + 1.2)), sharey=True,
+                                squeeze=False)
     labels = [label(r) for r in rows]
-    for ax, c in zip(axes[0], numeric):
+    for ax, c in zip(axes.flat, numeric):
         values = [r.get(c) if isinstance(r.get(c), (int, float)) else 0 for r in rows]
-        ax.barh(labels, values)
+        bars = ax.barh(labels, values)
+        ax.bar_label(bars, labels=[cell(r.get(c)) for r in rows], fontsize=7, padding=2)
         ax.set_title(c, fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.invert_yaxis()
+        ax.margins(x=0.25)
+    axes.flat[0].invert_yaxis()
+    for ax in list(axes.flat)[len(numeric):]:
+        ax.set_visible(False)
     _save(figure, path)
     return True
 
 
 def label(row: dict) -> str:
-    """A short name for a row in plots: stage, strategy, run directory name."""
-    return " ".join(x for x in (row["stage"], row.get("strategy") or "", Path(row["run"]).name) if x)
+    """A short name for a row in plots: stage, strategy or variant, run directory name."""
+    parts = (row["stage"], row.get("strategy") or "", str(row.get("optimize/variant") or ""), Path(row["run"]).name)
+    return " ".join(x for x in parts if x)
 
 
 def _pyplot():

@@ -68,7 +68,7 @@ def _found(root: Path) -> str:
 
 
 def _publish(logger, rows: list[dict], columns: list[str], images: list[Path]) -> None:
-    """The table (and plots) to the experiment tracker, when it takes tables (W&B; offline files unless a key is set)."""
+    """The table (and plots) to the experiment tracker when it takes tables (W&B: offline files unless a key is set)."""
     if logger is None or not hasattr(logger, "log_table"):
         return
     logger.log_table(key="compare", columns=columns, data=[[report.cell(r.get(c)) for c in columns] for r in rows])

@@ -55,7 +55,8 @@ def bill(rows: list[dict], prompt_usd_per_1k: float, completion_usd_per_1k: floa
         prompt_usd, completion_usd = r["prompt_tokens"] * p_rate / 1000, r["completion_tokens"] * c_rate / 1000
         out.append({"key_id": r["key_id"], "model": r["model"], "requests": r["requests"], "errors": r["errors"],
                     "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                    "prompt_usd": prompt_usd, "completion_usd": completion_usd, "total_usd": prompt_usd + completion_usd})
+                    "prompt_usd": prompt_usd, "completion_usd": completion_usd,
+                    "total_usd": prompt_usd + completion_usd})
     return out
 
 
