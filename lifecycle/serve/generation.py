@@ -162,8 +162,11 @@ async def _chunks(ctx, plan: Plan, fan: Fanout, firsts: list, tally: Tally):
 
 
 async def _next(fan: Fanout, deadline: float):
+    # Not asyncio.wait_for: on 3.11 it swallows a cancellation that lands as the event arrives, and the stream
+    # of a departed client would then run to its end.
     try:
-        return await asyncio.wait_for(fan.next(), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await fan.next()
     except TimeoutError:
         raise Deadline() from None
 
