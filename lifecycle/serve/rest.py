@@ -46,7 +46,7 @@ class RestSettings:
     max_tokens_cap: int = 4096          # the most max_tokens a request may ask for
     default_max_tokens: int = 16        # when a request does not say (clamped to what the context leaves)
     max_n: int = 8
-    max_stop: int = 4
+    max_stop: int = 16                  # lm-eval sends a task's whole `until` list (OpenAI's 4 is too few)
     max_prompts: int = 64               # prompts in one /v1/completions batch (lm-eval sends batches)
     max_logprobs: int = 20
     request_timeout_s: float = 600.0

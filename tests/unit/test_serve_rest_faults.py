@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -177,6 +179,9 @@ def test_openai_client_completions_chat_and_streaming_usage():
         text = "".join(ch.choices[0].text for ch in client.completions.create(
             model="fake", prompt="x", max_tokens=10, stream=True, stop=["wor"]))
         assert text == "hello "
+        lp = client.chat.completions.create(model="fake", messages=HI, max_tokens=2, logprobs=True, top_logprobs=1)
+        content = lp.choices[0].logprobs.content
+        assert [t.token for t in content] == ["h", "e"] and content[0].top_logprobs[0].logprob == -1.0
         assert [m.id for m in client.models.list()] == ["fake"]
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="other", prompt="x")
@@ -184,23 +189,24 @@ def test_openai_client_completions_chat_and_streaming_usage():
             openai.OpenAI(base_url=f"{live.url}/v1", api_key="sk-wrong", max_retries=0).models.list()
 
 
-def test_lm_eval_scoring_request_shape():
-    """What lm-eval local-completions sends for loglikelihood, and how it reads the answer."""
+def test_lm_eval_local_completions_round_trip():
+    """lm-eval's own payload builder and parsers (LocalCompletionsAPI) against the server."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI as LM
+    lm = SimpleNamespace(model="fake", _max_gen_toks=8)
     with Live() as live, live.client() as c:
         ctx, cont = [ord(ch) for ch in "The cat"], [ord(ch) for ch in " sat"]
-        body = {"model": "fake", "prompt": [ctx + cont, cont], "temperature": 0, "max_tokens": 1, "logprobs": 1,
-                "seed": 1234, "echo": True}
-        out = c.post(CMPL, json=body).json()
-        choices = sorted(out["choices"], key=lambda ch: ch["index"])
-        assert [ch["index"] for ch in choices] == [0, 1]
-        lp = choices[0]["logprobs"]
+        scoring = LM._create_payload(lm, [ctx + cont, ctx], generate=False)
+        out = c.post(CMPL, json=scoring).json()
+        assert [ch["index"] for ch in out["choices"]] == [0, 1]
+        (score, greedy), _ = LM.parse_logprobs(out, ctxlens=[len(ctx), len(ctx) - 2])
+        assert score == pytest.approx(-math.log(2) * len(cont)) and greedy
+        lp = out["choices"][0]["logprobs"]
         assert len(lp["token_logprobs"]) == len(ctx + cont) + 1 and lp["token_logprobs"][0] is None
-        score = sum(lp["token_logprobs"][len(ctx):-1])
-        assert score == pytest.approx(-0.6931471805599453 * len(cont))
-        assert all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(ctx):-1],
-                                                            lp["top_logprobs"][len(ctx):-1]))
-        assert choices[0]["text"] == "The cat sat" + "h" and lp["text_offset"][:3] == [0, 1, 2]
-        assert c.get("/tokenizer_info").status_code == 404
+        assert out["choices"][0]["text"] == "The cat sat" + "h" and lp["text_offset"][:3] == [0, 1, 2]
+        gen = LM._create_payload(lm, ["Q: a", "Q: b"], generate=True, gen_kwargs={"until": ["wor", "\n\n"],
+                                                                                  "max_gen_toks": 10})
+        assert LM.parse_generations(c.post(CMPL, json=gen).json()) == ["hello ", "hello "]
+        assert c.get("/tokenizer_info").status_code == 404  # lm-eval falls back to its local tokenizer
 
 
 def usage_rows(meter: UsageMeter) -> list[dict]:
@@ -245,3 +251,15 @@ def test_n_choices_and_prompt_batches_stream_with_indices():
             texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
         assert sorted(texts) == [0, 1, 2, 3] and all(len(t) == 3 for t in texts.values())
         assert texts[0] != texts[1]  # seed + j: choices differ, and the same request repeats them
+
+
+def test_streamed_echo_leads_with_the_prompt_and_offsets_continue():
+    with Live() as live, live.client() as c:
+        with c.stream("POST", CMPL, json={"prompt": "ab", "max_tokens": 3, "echo": True, "logprobs": 0,
+                                          "stream": True}) as r:
+            chunks = [e["choices"][0] for e in events(r.iter_lines())[:-1]]
+        assert "".join(ch["text"] for ch in chunks) == "abhel"
+        tokens = [t for ch in chunks for t in ch["logprobs"]["tokens"]]
+        offsets = [o for ch in chunks for o in ch["logprobs"]["text_offset"]]
+        assert tokens == list("abhel") and offsets == [0, 1, 2, 3, 4]
+        assert chunks[0]["logprobs"]["token_logprobs"][0] is None and chunks[-1]["finish_reason"] == "length"
