@@ -16,7 +16,9 @@ from lifecycle.serve.fanout import ClientGone, Deadline, Fanout, collect, race, 
 from lifecycle.serve.limits import ApiError
 from lifecycle.serve.openai_api import parse
 from lifecycle.serve.plan import Plan
-from lifecycle.serve.protocol import ContextTooLong, EngineError, ModelNotFound, NoChatTemplate, NotReady, Overloaded
+from lifecycle.serve.protocol import (
+    ContextTooLong, EngineError, InvalidPrompt, ModelNotFound, NoChatTemplate, NotReady, Overloaded,
+)
 from lifecycle.serve.tally import Tally, record
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ def refusal(e: EngineError) -> ApiError:
         return ApiError(404, str(e), param="model", code="model_not_found")
     if isinstance(e, ContextTooLong):
         return ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
+    if isinstance(e, InvalidPrompt):
+        return ApiError(400, str(e), param="prompt", code="invalid_prompt")
     if isinstance(e, NoChatTemplate):
         return ApiError(400, str(e), param="messages", code="no_chat_template")
     if isinstance(e, NotReady):
@@ -54,6 +58,8 @@ async def handle(request: Request, ctx, route: Route) -> Response:
     try:
         req = parse(await request.body(), route.body)
         route.check(req, ctx.settings)
+        if not ctx.engine.ready:  # the tokenizer and the context length come with the model
+            raise NotReady("the model is not loaded (still loading, draining or failed to load)")
         plan = route.plan(req, ctx.engine, ctx.settings)
         tally.model = plan.model
         if plan.stream:
@@ -61,9 +67,10 @@ async def handle(request: Request, ctx, route: Route) -> Response:
             streaming = True
             return response
         return await answer(request, ctx, plan, tally)
-    except ApiError as e:
-        tally.status = e.status
-        return Response(e.body(), status_code=e.status, headers=_headers(e))
+    except (ApiError, EngineError) as e:  # an EngineError here: from encode / render_chat / the readiness check
+        error = e if isinstance(e, ApiError) else refusal(e)
+        tally.status = error.status
+        return Response(error.body(), status_code=error.status, headers=_headers(error))
     except ClientGone:
         tally.status = 499  # nginx's "client closed request"; nobody reads this response
         return Response(status_code=499)

@@ -24,13 +24,13 @@ from starlette.responses import Response
 
 from lifecycle.errors import ConfigError
 from lifecycle.serve.auth import KeyStore
-from lifecycle.serve.generation import Route, handle
+from lifecycle.serve.generation import Route, handle, refusal
 from lifecycle.serve.limits import ApiError, BodyLimit, Gate, ServeState
 from lifecycle.serve.metrics import ServeMetrics
 from lifecycle.serve.names import adapter_dir, check_adapter_name, check_model
 from lifecycle.serve.openai_api import ChatRequest, CompletionRequest, _Body, check_chat, check_completion, parse
 from lifecycle.serve.plan import chat_plan, completion_plan
-from lifecycle.serve.protocol import EngineError, ModelNotFound
+from lifecycle.serve.protocol import EngineError, ModelNotFound, NotReady, Overloaded
 from lifecycle.serve.usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,9 @@ def _add_admin_routes(app: FastAPI, ctx: Context) -> None:
             await ctx.engine.load_adapter(name, str(path))
         except ModelNotFound as e:
             raise ApiError(404, str(e), param="path", code="model_not_found") from None
-        except EngineError as e:
+        except (NotReady, Overloaded) as e:
+            raise refusal(e) from None
+        except EngineError as e:  # e.g. the name is taken, or the weights are refused
             raise ApiError(400, str(e), param="path", code="adapter_refused") from None
         log.info("adapter %s loaded from %s", name, path)
         return _model_card(name)
@@ -196,6 +198,10 @@ def _add_admin_routes(app: FastAPI, ctx: Context) -> None:
             await ctx.engine.unload_adapter(name)
         except ModelNotFound as e:
             raise ApiError(404, str(e), param="name", code="model_not_found") from None
+        except (NotReady, Overloaded) as e:
+            raise refusal(e) from None
+        except EngineError as e:  # e.g. the base model
+            raise ApiError(400, str(e), param="name", code="adapter_refused") from None
         return {"id": name, "object": "model", "deleted": True}
 
 

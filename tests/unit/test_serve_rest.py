@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from lifecycle.errors import ConfigError
 from lifecycle.serve.auth import KeyStore
 from lifecycle.serve.metrics import ServeMetrics
+from lifecycle.serve.protocol import ContextTooLong, InvalidPrompt, ModelNotFound, NotReady, Overloaded
 from lifecycle.serve.rest import RestSettings, build_app
 from lifecycle.serve.testing import FakeEngine
 
@@ -234,3 +235,43 @@ def test_failed_load_keeps_ready_503_and_is_logged(engine, caplog):
     assert "failed to load" in caplog.text
     if isinstance(engine, CorruptEngine):
         assert "model.safetensors" in caplog.text and "truncated" in caplog.text
+
+
+class RefusingEngine(FakeEngine):
+    """Raises `refuse` from the first step of every job, as a real engine's admission would."""
+    refuse: Exception | None = None
+
+    async def generate(self, request):
+        if self.refuse is not None:
+            raise self.refuse
+        async for event in super().generate(request):
+            yield event
+
+
+@pytest.mark.parametrize("refusal,status,code", [
+    (ModelNotFound("no model 'x'"), 404, "model_not_found"),
+    (ContextTooLong("prompt (300 tokens) + max_tokens (16) is over 256"), 400, "context_length_exceeded"),
+    (InvalidPrompt("token id 99999 is outside the vocabulary"), 400, "invalid_prompt"),
+    (Overloaded("full", retry_after=2.5), 429, "overloaded"),
+    (NotReady("draining"), 503, "not_ready"),
+])
+def test_engine_refusals_map_to_statuses_for_json_and_streams(refusal, status, code):
+    engine = RefusingEngine()
+    with Live(engine) as live, live.client() as c:
+        engine.refuse = refusal
+        for stream in (False, True):
+            r = c.post(CMPL, json={"prompt": "x", "stream": stream})
+            assert error_of(r, status)["code"] == code and str(refusal) in r.json()["error"]["message"]
+            assert status != 429 or r.headers["retry-after"] == "3"
+        assert c.get("/health").status_code == 200 and idle_after(engine)
+
+
+def idle_after(engine) -> bool:
+    return until(lambda: engine.stats() == {"running": 0, "queued": 0}, 1)
+
+
+def test_no_chat_template_is_400_not_500():
+    with Live(FakeEngine(chat_template=False)) as live, live.client() as c:
+        err = error_of(c.post(CHAT, json={"messages": HI}), 400)
+        assert err["code"] == "no_chat_template" and "chat template" in err["message"]
+        assert c.post(CMPL, json={"prompt": "x"}).status_code == 200
