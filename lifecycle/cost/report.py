@@ -82,12 +82,18 @@ def chart(fig: Figures, path: Path, title: str) -> None:
     shown = [v if v and v > 0 else 0 for v in values]
     ax.barh(names, shown, color=["#888"] * 5 + ["#2a7"])
     for i, v in enumerate(values):
-        ax.text(max(shown[i], 1e-6), i, f" {fmt('usd', v)}", va="center", fontsize=8)
+        if v is None:  # x in axes coordinates, y in data: at the left edge whatever the scale
+            ax.text(0.01, i, "missing", va="center", fontsize=8, color="#b60", transform=ax.get_yaxis_transform())
+        else:
+            ax.text(max(shown[i], 1e-6), i, f" {fmt('usd', v)}", va="center", fontsize=8)
     if any(shown):
         ax.set_xscale("log")
     ax.invert_yaxis()
-    roi, payback = fig.get("cost/roi"), fig.get("cost/payback_months")
-    ax.set_title(f"{title}\nROI {fmt('cost/roi', roi)}, payback {fmt('months', payback)} months", fontsize=9)
+    payback = fig.get("cost/payback_months")
+    projected = fig.get("projection/usd")
+    ax.set_title(f"{title}\nROI {fmt('cost/roi', fig.get('cost/roi'))}, payback "
+                 f"{'missing' if payback is None else f'{payback:.3g} months'}; projected pretraining "
+                 f"{fmt('usd', projected)} ({fmt('days', fig.get('projection/days'))} days)", fontsize=9)
     ax.set_xlabel("USD (log scale)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
