@@ -11,6 +11,7 @@ import time
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from serve_rest_live import KEY, Live, until
 from test_serve_rest_faults import events, idle, start_server_process
 
@@ -61,7 +62,19 @@ def test_l1_steady_non_streaming():
         latencies = [s for _, s in results]
         print(f"\nL1: 300 requests, 8 clients: {300 / elapsed:.0f} req/s, latency p50 {pct(latencies, 50):.1f} "
               f"p95 {pct(latencies, 95):.1f} p99 {pct(latencies, 99):.1f} ms")
-        assert tally([s for s, _ in results]) == {"ok": 300} == live.counters(CMPL)
+        assert tally([s for s, _ in results]) == {"ok": 300} == scraped(live, CMPL)
+
+
+def scraped(live, route: str) -> dict[str, float]:
+    """lifecycle_requests_total for `route` by outcome, as Prometheus would scrape it from /metrics."""
+    with live.client() as c:
+        text = c.get("/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "lifecycle_requests_total" and s.labels["route"] == route:
+                out[s.labels["outcome"]] = out.get(s.labels["outcome"], 0) + s.value
+    return out
 
 
 def test_l2_steady_streaming():
@@ -87,6 +100,10 @@ def test_l2_steady_streaming():
         print(f"\nL2: 150 streams x 16 tokens, 8 clients: TTFT p50 {pct(ttfts, 50):.1f} p99 {pct(ttfts, 99):.1f} ms,"
               f" inter-token p99 {pct(gaps, 99):.1f} ms")
         assert tally([s for s, *_ in results]) == {"ok": 150} == live.counters(CHAT)
+        registry = live.metrics.registry
+        assert registry.get_sample_value("lifecycle_time_to_first_token_seconds_count", {"frontend": "rest"}) == 150
+        assert registry.get_sample_value("lifecycle_time_per_output_token_seconds_count", {"frontend": "rest"}) == 150
+        assert registry.get_sample_value("lifecycle_completion_tokens_total", {"model": "fake"}) == 150 * 16
 
 
 def test_l3_overload_fast_429_and_bounded_hold():
