@@ -160,6 +160,9 @@ async def _chunks(ctx, plan: Plan, fan: Fanout, firsts: list, tally: Tally):
         ended = ended or next((c.finish_reason for c in choices if c.finish_reason not in ("stop", "length")),
                               "stop")
         yield fmt.DONE
+    except Exception:
+        ended = "error"  # a bug of ours mid-stream: EventStream tells the client; count it as an error
+        raise
     finally:
         await fan.close()
         if ended is None:
@@ -220,12 +223,15 @@ class EventStream(StreamingResponse):
         finally:
             for task in (pump, gone):
                 task.cancel()
-            results = await asyncio.gather(pump, gone, return_exceptions=True)
+            await asyncio.gather(pump, gone, return_exceptions=True)
             await self.body_iterator.aclose()  # runs the producer's finally: engine jobs closed, request recorded
-        if isinstance(results[0], Exception):
-            log.error("stream failed", exc_info=results[0])
 
     async def _pump(self, send) -> None:
-        async for chunk in self.body_iterator:
-            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        except Exception as e:  # never a silent truncation, even for a bug of ours
+            log.exception("stream failed")
+            tail = fmt.error_event(f"internal error: {type(e).__name__}", "internal_error") + fmt.DONE
+            await send({"type": "http.response.body", "body": tail.encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

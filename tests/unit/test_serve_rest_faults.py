@@ -263,3 +263,24 @@ def test_streamed_echo_leads_with_the_prompt_and_offsets_continue():
         offsets = [o for ch in chunks for o in ch["logprobs"]["text_offset"]]
         assert tokens == list("abhel") and offsets == [0, 1, 2, 3, 4]
         assert chunks[0]["logprobs"]["token_logprobs"][0] is None and chunks[-1]["finish_reason"] == "length"
+
+
+class GarbageEngine(FakeEngine):
+    """Emits an event the front end cannot format (a bug stand-in) after two good ones."""
+
+    async def generate(self, request):
+        n = 0
+        async for event in super().generate(request):
+            n += 1
+            if n == 3:
+                event.logprobs = [object()]  # not a TokenLogprob
+            yield event
+
+
+def test_a_bug_mid_stream_is_reported_not_a_silent_truncation(caplog):
+    with Live(GarbageEngine()) as live, live.client() as c:
+        with c.stream("POST", CMPL, json={"prompt": "x", "max_tokens": 8, "logprobs": 0, "stream": True}) as r:
+            got = events(r.iter_lines())
+        assert got[-1] == "[DONE]" and got[-2]["error"]["code"] == "internal_error" and len(got) == 4
+        assert live.counters(CMPL) == {"error": 1} and "stream failed" in caplog.text
+        assert until(lambda: idle(live.engine), 1)
