@@ -29,6 +29,7 @@ class Tuner:
         cfg = copy.deepcopy(self.cfg)
         cfg.trainer.max_steps = cfg.trainer.val_check_interval = steps  # the schedule follows max_steps
         run_dir = self.run_dir / "train" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
         datamodule = build(cfg.data)
         module = make_module(cfg, model, teacher, temperature, alpha)
         trainer, _, _ = make_trainer(cfg, run_dir, model, None, [])
