@@ -44,6 +44,16 @@ def data_dir(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def base_dir(data_dir, tmp_path_factory) -> Path:
+    """A tiny model pretrained briefly (30 steps) on the shared data run: its exported model/ directory."""
+    from lifecycle.pretrain.stage import run
+
+    run_dir = tmp_path_factory.mktemp("outputs") / "pretrain" / "base"
+    run(make_cfg("pretrain", run_dir, [*TINY, f"data.dir={data_dir}", "trainer.max_steps=30"]))
+    return run_dir / "model"
+
+
 def data_cfg(tmp_path: Path, *overrides: str, run: str = "r"):
     """A tiny data-stage config writing under tmp_path/out, with its own cache."""
     return make_cfg("data", tmp_path / "out" / "data" / run, [*TINY, *overrides])

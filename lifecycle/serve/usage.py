@@ -7,8 +7,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import (
     JSON, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, inspect, select,
@@ -70,6 +70,8 @@ class UsageMeter:
     def __init__(self, url: str, log_text: bool = False):
         self.url, self.log_text = url, log_text
         self.engine = create_engine(url)
+        if self.engine.url.get_backend_name() == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)

@@ -14,13 +14,14 @@ LORA_TYPES = ("LORA",)  # vLLM serves LoRA adapters only
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
 
 
-def command(model: str, adapters: dict[str, str], host: str, port: int, max_model_len: int | None,
+def command(model: str, adapters: dict[str, str] | None, host: str, port: int, max_model_len: int | None,
             dtype: str, tensor_parallel_size: int, extra_args: list[str], served_name: str | None) -> list[str]:
     """The `vllm serve` command line for a model directory and its LoRA adapters (checked before anything runs)."""
     model_dir = Path(model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"engine.model={model}: not a model directory (no config.json); vLLM serves a transformers "
                           "model directory such as outputs/pretrain/latest/model or an optimize variant")
+    adapters = adapters or {}
     cmd = ["vllm", "serve", str(model_dir.resolve()), "--host", host, "--port", str(port), "--dtype", dtype,
            "--tensor-parallel-size", str(tensor_parallel_size), "--served-model-name", served_name or model_dir.name]
     if max_model_len:

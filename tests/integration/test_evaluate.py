@@ -21,16 +21,6 @@ LOOSE = "gate.rules=[{metric:eval/general/ppl,change:relative,op:'<=',value:10.0
 
 
 @pytest.fixture(scope="session")
-def base_dir(data_dir, tmp_path_factory) -> Path:
-    """A tiny model pretrained briefly on the shared data run."""
-    from lifecycle.pretrain.stage import run as pretrain
-
-    run_dir = tmp_path_factory.mktemp("outputs") / "pretrain" / "base"
-    pretrain(make_cfg("pretrain", run_dir, [*TINY, f"data.dir={data_dir}", "trainer.max_steps=30"]))
-    return run_dir / "model"
-
-
-@pytest.fixture(scope="session")
 def outputs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("outputs")
 
