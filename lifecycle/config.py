@@ -19,6 +19,7 @@ from lifecycle.schemas import (
 )
 from lifecycle.schemas import BenchSchema, OptimizeSourceSchema
 from lifecycle.schemas import UsageSettingsSchema
+from lifecycle.schemas import DeploySchema, ServeSettingsSchema
 from lifecycle.schemas import (
     BillingSchema, BusinessSchema, CompareFiltersSchema, CompareSettingsSchema, CostRunsSchema, HardwareSchema,
     ProjectionSchema, ServingSchema,
@@ -51,6 +52,9 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
              "billing": BillingSchema, "logger": None},
     "compare": {ROOT: CompareSettingsSchema, "filters": CompareFiltersSchema, "logger": None},
     "usage": {ROOT: UsageSettingsSchema, "logger": None},
+    # Dotted keys name nested nodes: the profile's engine (or vLLM command) is checked against its callable.
+    "serve": {ROOT: ServeSettingsSchema, "deploy": DeploySchema, "rest": None, "grpc": None, "deploy.engine": None,
+              "deploy.vllm": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 
@@ -71,7 +75,7 @@ def validate(cfg: DictConfig, stage: str) -> None:
             for name in cfg[key]:
                 _check_node(f"{key}.{name}", cfg[key][name], None)
             continue
-        _check_node(key, cfg[key], schema)
+        _check_node(key, OmegaConf.select(cfg, key), schema)
 
 
 def _check_node(key: str, node: Any, schema: Optional[type]) -> None:

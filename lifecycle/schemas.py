@@ -448,3 +448,27 @@ class UsageSettingsSchema:
 
     def __post_init__(self) -> None:
         _require("://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db; got {self.db!r}")
+
+
+# ---- serve: where it listens and which front ends run over the deploy profile's engine ----
+@dataclass
+class ServeSettingsSchema:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port", f"must be a TCP port (0-65535), got {self.port}")
+
+
+@dataclass
+class DeploySchema:
+    frontends: list[str] = field(default_factory=lambda: ["rest"])
+    engine: Any = None
+    vllm: Any = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.frontends) - {"rest", "grpc"})
+        _require(not unknown, "deploy.frontends", f"unknown front end(s) {unknown}; choose from rest, grpc")
+        _require((self.vllm is None) == bool(self.frontends), "deploy",
+                 "a profile either runs our front ends (frontends + engine) or vLLM (vllm), not both or neither")
+        _require(self.vllm is not None or self.engine is not None, "deploy.engine", "required with front ends")
