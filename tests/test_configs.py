@@ -109,3 +109,11 @@ def test_sweep_files_name_real_overrides(sweep, tmp_path):
     for key, values in spec["parameters"].items():
         value = values.get("value", (values.get("values") or [values.get("min")])[0])
         validate(make_cfg(stage, tmp_path / stage / "run", [f"{key}={value}"]), stage)
+
+
+@pytest.mark.parametrize("variant", options("optimize"))
+def test_every_optimize_variant_composes_and_builds_its_passes(variant, tmp_path):
+    cfg = make_cfg("optimize", tmp_path / "optimize" / variant, [f"optimize={variant}"])
+    validate(cfg, "optimize")
+    passes = [instantiate(node) for node in cfg.passes.values()]
+    assert passes and all(callable(p.apply) for p in passes)
