@@ -17,17 +17,15 @@ fails an allocation past it; on 16 MB it needs ~250-350 MB. It still overstates 
 scipy (via datasketch) make VmData ~230 MB at import for ~75 MB of anonymous RSS. The cap is per process and
 inherited by the forked workers, so the whole tree may use up to (workers + 1) x cap.
 
-Finding, measured BEFORE the global dedup became disk-backed (lifecycle/data/dedup_disk.py; not re-run since:
-its own measurements show +26/+38/+50 MB at 20k/100k/400k documents against +111/+582 MB for the in-memory index)
-(2 shared CPUs, 2 workers, 400 MB cap, 16 MB input files of ~11 KB documents):
-    near dedup    corpus MB  peak main MB  peak worker MB  wall s  exit
-    minhash            64.8         304.8           117.2      79  0
-    minhash           259.2   347.8 (cut)           117.4     183  1 (cap hit: +~6 KB per document)
-    off                64.8         264.4           110.5      59  0
-    off               259.2         274.1           110.5     151  0
-Workers stay flat (they hold one input file at a time). The main process grows with the corpus through the MinHash
-LSH index (datasketch, ~6 KB per kept document: 16 bands x (bytes key + set + dict slot)); everything else in it
-grows by ~0.5 KB per document (exact-dedup digests and document ids; the profile is a bounded reservoir).
+Finding with the disk-backed global dedup (lifecycle/data/dedup_disk.py), full chain incl. MinHash, 2 workers,
+400 MB RLIMIT_DATA per process, 16 MB input files of ~11 KB documents, on 2 CPUs shared with other jobs (hence
+the slow wall times):
+    near dedup    corpus MB  peak main MB  peak worker MB  peak tree MB  wall s  exit
+    minhash            64.8         258.8           118.7         350.9      64  0
+    minhash           259.2         269.0           118.8         382.1     760  0
+A corpus 4x larger than before and 0.65x the cap (0.22x the tree's combined cap) runs with the main process +10 MB:
+memory no longer grows with the corpus. Before (in-memory datasketch LSH, ~6 KB per kept document) the 259 MB run
+hit the cap and failed (exit 1, main at 347.8 MB). Workers stay flat: they hold one input file at a time.
 """
 from __future__ import annotations
 
