@@ -33,6 +33,11 @@ def load_model(directory, device: str = "cpu"):
     saved = {}
     for path in files:
         saved |= {key: (shape, path) for key, shape in header_shapes(path).items()}
+    if getattr(config, "quantization_config", None):  # 4-bit (bitsandbytes) packs weights: transformers checks them
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(directory, device_map=device, use_safetensors=True)
+        return model.eval(), AutoTokenizer.from_pretrained(directory)
     _check_fit(directory, config, saved, quant)
     if quant:
         model = _load_int8(directory, config, quant)
