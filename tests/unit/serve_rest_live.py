@@ -3,8 +3,13 @@ REST tests that need real HTTP: streaming, disconnects, timeouts, load."""
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -86,3 +91,41 @@ def until(condition, timeout: float = 5.0) -> bool:
         _until(condition, timeout)
         return True
     return False
+
+
+def events(lines) -> list:
+    """Parsed SSE payloads of a stream ("[DONE]" kept as a string)."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def idle(engine) -> bool:
+    return engine.stats() == {"running": 0, "queued": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server_process(tmp_path: Path, token_delay: float, drain: float = 5.0):
+    """tests/unit/serve_rest_proc.py as a child process; returns (process, base url, counters file)."""
+    port, out = free_port(), tmp_path / "counters.json"
+    script = Path(__file__).with_name("serve_rest_proc.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(out), str(token_delay), str(drain)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    assert until(lambda: _ready(url), 30), "server did not come up"
+    return proc, url, out
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -6,38 +6,20 @@ import concurrent.futures
 import json
 import math
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import openai
 import psutil
 import pytest
-from serve_rest_live import KEY, Live, until
+from serve_rest_live import KEY, Live, events, idle, start_server_process, until
 
 from lifecycle.serve.testing import FakeEngine
 from lifecycle.serve.usage import UsageMeter
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
-
-
-def events(lines) -> list:
-    """Parsed SSE payloads of a stream ("[DONE]" kept as a string)."""
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-def idle(engine) -> bool:
-    return engine.stats() == {"running": 0, "queued": 0}
 
 
 def test_disconnect_mid_stream_cancels_within_a_second_and_stays_flat():
@@ -116,30 +98,6 @@ def test_deadline_is_504_or_a_timeout_chunk_and_the_job_is_aborted():
         assert got[-3]["choices"][0]["finish_reason"] == "timeout" and got[-2]["usage"]["completion_tokens"] > 0
         assert until(lambda: idle(engine), 0.5)
         assert live.counters() == {"timeout": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server_process(tmp_path: Path, token_delay: float, drain: float = 5.0):
-    """tests/unit/serve_rest_proc.py as a child process; returns (process, base url, counters file)."""
-    port, out = free_port(), tmp_path / "counters.json"
-    script = Path(__file__).with_name("serve_rest_proc.py")
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(out), str(token_delay), str(drain)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    assert until(lambda: _ready(url), 30), "server did not come up"
-    return proc, url, out
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):

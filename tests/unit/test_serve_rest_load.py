@@ -12,8 +12,7 @@ import time
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from serve_rest_live import KEY, Live, until
-from test_serve_rest_faults import events, idle, start_server_process
+from serve_rest_live import KEY, Live, events, idle, start_server_process, until
 
 from lifecycle.serve.testing import FakeEngine
 
