@@ -19,7 +19,7 @@ from lifecycle.schemas import (
 )
 from lifecycle.schemas import BenchSchema, OptimizeSourceSchema
 from lifecycle.schemas import UsageSettingsSchema
-from lifecycle.schemas import DeploySchema, ServeSettingsSchema
+from lifecycle.schemas import DeploySchema, ServeCheckSchema, ServeSettingsSchema
 from lifecycle.schemas import (
     BillingSchema, BusinessSchema, CompareFiltersSchema, CompareSettingsSchema, CostRunsSchema, HardwareSchema,
     ProjectionSchema, ServingSchema,
@@ -53,7 +53,7 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "compare": {ROOT: CompareSettingsSchema, "filters": CompareFiltersSchema, "logger": None},
     "usage": {ROOT: UsageSettingsSchema, "logger": None},
     # Dotted keys name nested nodes: the profile's engine (or vLLM command) is checked against its callable.
-    "serve": {ROOT: ServeSettingsSchema, "deploy": DeploySchema, "rest": None, "grpc": None, "deploy.engine": None,
+    "serve": {ROOT: ServeSettingsSchema, "deploy": DeploySchema, "check": ServeCheckSchema, "rest": None, "grpc": None, "deploy.engine": None,
               "deploy.vllm": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)

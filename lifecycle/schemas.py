@@ -461,6 +461,19 @@ class ServeSettingsSchema:
 
 
 @dataclass
+class ServeCheckSchema:
+    requests: int = 0
+    concurrency: int = 4
+    max_tokens: int = 32
+    model: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.requests >= 0, "check.requests", "must be >= 0 (0: serve until stopped)")
+        _require(self.concurrency >= 1, "check.concurrency", "must be >= 1")
+        _require(self.max_tokens >= 2, "check.max_tokens", "must be >= 2 (time per token needs two)")
+
+
+@dataclass
 class DeploySchema:
     frontends: list[str] = field(default_factory=lambda: ["rest"])
     engine: Any = None

@@ -44,6 +44,10 @@ class KeyStore:
                 digests[d] = name or f"key-{d[:8]}"
         return cls(digests)
 
+    def with_key(self, key: str, name: str) -> "KeyStore":
+        """A copy that also accepts `key` as `name` (the self-check's one-off key, never written anywhere)."""
+        return KeyStore({**self._digests, digest(key): name})
+
     def __len__(self) -> int:
         return len(self._digests)
 

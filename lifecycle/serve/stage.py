@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -29,7 +30,12 @@ def run(cfg: DictConfig) -> dict:
     started, config = time.time(), resolved(cfg)
     rest_settings, grpc_settings = build(cfg.rest), build(cfg.grpc)  # range checks before the model loads
     keys = KeyStore.from_sources(cfg.auth.env_var, cfg.auth.keys_file)
-    if not len(keys):
+    check_key = secrets.token_urlsafe(24) if cfg.check.requests else None
+    if check_key:
+        if "rest" not in cfg.deploy.frontends:
+            raise ConfigError("check.requests: the self-check speaks REST; use deploy=rest or deploy=both")
+        keys = keys.with_key(check_key, "self-check")
+    elif not len(keys):
         log.warning("no API keys: every request will get 401. Export %s=<key>[,<key>...] or set auth.keys_file",
                     cfg.auth.env_var)
     run_dir = artifacts.start_run(cfg.paths.run_dir, config)
@@ -37,22 +43,23 @@ def run(cfg: DictConfig) -> dict:
     meter = UsageMeter(cfg.usage.db, cfg.usage.log_text)
     metrics = ServeMetrics(engine.stats, lambda: engine.ready)
     try:
-        asyncio.run(_serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings))
+        checked = asyncio.run(_serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings, check_key))
     finally:
         meter.close()
-    summary = _summary(metrics, started)
+    summary = {**_summary(metrics, started), **checked}
     inputs = {"model": _model_record(cfg.deploy.engine)}
     artifacts.finish_run(run_dir, STAGE, inputs, summary, config, started)
     print("served: " + ", ".join(f"{k.removeprefix('serve/')} {v}" for k, v in summary.items()))
     return summary
 
 
-async def _serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings) -> None:
-    """Both front ends share the engine; it starts once, and stops only after both have drained."""
+async def _serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings, check_key) -> dict:
+    """Both front ends share the engine; it starts once, and stops only after both have drained. Returns the
+    self-check's figures (check.requests > 0) or {}."""
     from lifecycle.serve.runner import make_server
 
     shared = _Unstoppable(engine)
-    grpc_server = None
+    grpc_server, checked = None, {}
     if "grpc" in cfg.deploy.frontends:
         from lifecycle.serve.grpc_server import build_server
 
@@ -66,9 +73,11 @@ async def _serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings
             app = build_app(shared, keys, meter, metrics, rest_settings)
             server = make_server(app, cfg.host, cfg.port)
             watch = asyncio.create_task(_fail_fast(app.state.serve, server))
+            check = asyncio.create_task(_check(cfg, engine, server, check_key)) if check_key else None
             print(f"REST: http://{cfg.host}:{cfg.port}/v1", flush=True)
             await server.serve()
             watch.cancel()
+            checked = check.result() if check is not None and check.done() else {}
             if app.state.serve.load_error:
                 raise CheckpointError(f"the model failed to load: {app.state.serve.load_error}")
         else:
@@ -78,6 +87,23 @@ async def _serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings
         if grpc_server is not None:
             await grpc_server.stop(cfg.limits.drain_timeout_s)
         await engine.stop()
+    return checked
+
+
+async def _check(cfg, engine, server, key: str) -> dict:
+    """Wait until ready, run the self-check against our own REST port, print it, then end the process (drained)."""
+    from lifecycle.serve.check import self_check
+
+    try:
+        while not engine.ready:
+            await asyncio.sleep(0.1)
+        c = cfg.check
+        figures = await self_check(f"http://{cfg.host}:{server.port}", key, c.model or engine.model_names()[0],
+                                   c.requests, c.concurrency, c.max_tokens)
+        print("self-check: " + ", ".join(f"{k.removeprefix('serve/')} {v}" for k, v in figures.items()), flush=True)
+        return figures
+    finally:
+        server.should_exit = True
 
 
 async def _fail_fast(state, server) -> None:
