@@ -71,7 +71,7 @@ class LocalEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream the job's events; refusals raise from the first __anext__, closing the stream cancels the job."""
-        job = self._admit(request)
+        job, scheduler = self._admit(request), self._scheduler  # stop() may drop self._scheduler meanwhile
         try:
             while True:
                 event = await job.events.get()
@@ -81,7 +81,7 @@ class LocalEngine:
         finally:
             if not job.done:
                 job.cancelled = True
-                self._scheduler.wake.set()
+                scheduler.wake.set()
 
     def _admit(self, request: GenerationRequest):
         from lifecycle.serve.detok import Detokenizer, StopMatcher

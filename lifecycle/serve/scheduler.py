@@ -18,7 +18,7 @@ import torch
 
 from lifecycle.serve.batch import Batch, merge
 from lifecycle.serve.detok import Detokenizer, StopMatcher
-from lifecycle.serve.protocol import Event, GenerationRequest
+from lifecycle.serve.protocol import Event, GenerationRequest, NotReady
 from lifecycle.serve.sampler import choose, make_generator, prompt_logprobs, token_logprob
 from lifecycle.serve.served import ServedModel
 
@@ -256,4 +256,6 @@ class Scheduler:
             self.pending.clear()
         for job in jobs:
             self._finish(job, "error", error="the engine stopped before this generation finished")
+        while self.controls:
+            self.controls.popleft()[1].set_exception(NotReady("the engine stopped before the adapter change ran"))
         self.groups.clear()

@@ -33,7 +33,7 @@ class ServedModel:
 
     @property
     def vocab_size(self) -> int:
-        return self.lm.get_output_embeddings().weight.shape[0]
+        return self.lm.config.vocab_size  # not the head's weight: an int8 variant's head has none
 
     def prefill(self, name: str, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
         """Run prompts together (left-padded): per prompt its logits ((L, V), or (1, V) for the last token only),

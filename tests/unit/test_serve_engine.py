@@ -1,107 +1,21 @@
-"""LocalEngine on tiny random Llama and GPT-2 models: parity with HF generate, batching, limits, faults, adapters."""
+"""LocalEngine on tiny random Llama and GPT-2 models: parity with HF generate, batching, sampling, limits, faults."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
-from contextlib import asynccontextmanager
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from serve_models import (PROMPTS, ask, collect, gpt2_dir, hf_greedy, ids_of, llama_dir, run, serving,  # noqa: F401
+                          tokenizer, tokens, wait_idle)
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from lifecycle.data.tokenizer import train_bpe
-from lifecycle.errors import CheckpointError
 from lifecycle.serve.detok import StopMatcher
 from lifecycle.serve.engine import LocalEngine
-from lifecycle.serve.protocol import (ContextTooLong, EngineError, GenerationRequest, InvalidPrompt, ModelNotFound,
-                                      NoChatTemplate, NotReady, Overloaded, Sampling)
+from lifecycle.serve.protocol import (ContextTooLong, GenerationRequest, InvalidPrompt, ModelNotFound, NotReady,
+                                      Overloaded, Sampling)
 from lifecycle.serve.scheduler import Scheduler
 from lifecycle.serve.served import ServedModel
-from lifecycle.training.instruct_data import CHAT_TEMPLATE
-
-torch.set_num_threads(1)
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
-         "import os\nprint(os.getcwd())\n", "for i in range(10):\n    total += i * i\n"] * 20
-PROMPTS = ["def add", "The quick brown fox jumps over", "import os\nprint(os.", "x", "for i in range(10):\n   "]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(TEXTS, vocab_size=320, min_frequency=1, model_max_length=128)
-
-
-def _save(model, tokenizer, directory):
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=0)
-    return _save(LlamaForCausalLM(config), tokenizer, tmp_path_factory.mktemp("root") / "llama")
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tokenizer, tmp_path_factory):
-    torch.manual_seed(1)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=0, eos_token_id=0)
-    return _save(GPT2LMHeadModel(config), tokenizer, tmp_path_factory.mktemp("root") / "gpt2")
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-@asynccontextmanager
-async def serving(directory, **settings):
-    engine = LocalEngine(str(directory), **{"max_batch_size": 4, "max_queue": 4, **settings})
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
-
-
-def ask(engine, prompt, model=None, **sampling) -> GenerationRequest:
-    ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
-    return GenerationRequest(ids, Sampling(**{"temperature": 0, **sampling}), model or engine.name)
-
-
-async def collect(engine, req, after=None):
-    """All events of one generation; `after`: an asyncio.Event to wait for before asking."""
-    if after is not None:
-        await after.wait()
-    return [event async for event in engine.generate(req)]
-
-
-def tokens(events) -> list[int]:
-    return [t for e in events for t in e.token_ids]
-
-
-def hf_greedy(model, ids, n) -> list[int]:
-    inputs = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-async def wait_idle(engine, seconds=2.0):
-    end = time.monotonic() + seconds
-    while engine.stats() != {"running": 0, "queued": 0} and time.monotonic() < end:
-        await asyncio.sleep(0.01)
-    return engine.stats()
-
-
-def ids_of(tokenizer, prompt) -> list[int]:
-    return tokenizer.encode(prompt, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("family", ["llama_dir", "gpt2_dir"])
@@ -325,131 +239,6 @@ def test_refusals_before_any_event(llama_dir):
     assert isinstance(errors["sum"], ContextTooLong) and all(n in summed for n in ("100", "40", "140", "128", "28"))
     assert isinstance(errors["model"], ModelNotFound) and "llama" in str(errors["model"])
     assert isinstance(errors["vocab"], InvalidPrompt) and "10000" in str(errors["vocab"])
-
-
-def test_chat_template_or_a_clear_refusal(llama_dir, tokenizer, tmp_path):
-    chat_dir = tmp_path / "chat"
-    shutil.copytree(llama_dir, chat_dir)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(chat_dir)
-    tokenizer.chat_template = None
-    messages = [{"role": "user", "content": "add two numbers"}]
-
-    async def main():
-        async with serving(llama_dir) as plain:
-            with pytest.raises(NoChatTemplate, match="no chat template"):
-                plain.render_chat(messages)
-        async with serving(chat_dir) as chat:
-            return chat.render_chat(messages), chat.decode(chat.render_chat(messages))
-
-    ids, text = run(main())
-    assert text.endswith("<|assistant|>\n") and "add two numbers" in text
-    tokenizer.chat_template = CHAT_TEMPLATE
-    try:
-        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-    finally:
-        tokenizer.chat_template = None
-    assert ids == list(expected)
-
-
-def test_truncated_weights_fail_start_naming_the_file(llama_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(llama_dir, broken)
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
-
-    async def main():
-        engine = LocalEngine(str(broken))
-        with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
-            await engine.start()
-        return engine
-
-    engine = run(main())
-    assert not engine.ready and "truncated" in str(engine.load_error)
-
-
-@pytest.fixture(scope="module")
-def loras(llama_dir):
-    """Two LoRA adapters with random (non-zero) weights, saved under the model root's adapters/."""
-    from peft import LoraConfig, get_peft_model
-
-    dirs = {}
-    for i, name in enumerate(("a1", "a2")):
-        torch.manual_seed(10 + i)
-        base = LlamaForCausalLM.from_pretrained(llama_dir)
-        config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                            init_lora_weights=False)
-        dirs[name] = llama_dir.parent / "adapters" / name
-        get_peft_model(base, config).save_pretrained(dirs[name])
-    return dirs
-
-
-def peft_greedy(llama_dir, loras, ids, n) -> dict[str, list[int]]:
-    """Greedy tokens of the base and of each adapter, through PeftModel with that adapter set."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama_dir), loras["a1"], adapter_name="a1")
-    model.load_adapter(loras["a2"], adapter_name="a2")
-    model.eval()
-    out = {}
-    for name in ("a1", "a2"):
-        model.set_adapter(name)
-        out[name] = hf_greedy(model, ids, n)
-    with model.disable_adapter():
-        out["llama"] = hf_greedy(model, ids, n)
-    return out
-
-
-def test_two_loras_and_the_base_served_at_once_match_peft(llama_dir, loras, tokenizer):
-    async def main():
-        adapters = {name: str(path) for name, path in loras.items()}
-        async with serving(llama_dir, adapters=adapters) as engine:
-            names = engine.model_names()
-            results = await asyncio.gather(*(collect(engine, ask(engine, PROMPTS[k], model=name, max_tokens=16))
-                                             for k in (1, 2) for name in names))
-            return names, [tokens(r) for r in results]
-
-    names, got = run(main())
-    assert names == ["llama", "a1", "a2"]
-    for k, prompt in enumerate((PROMPTS[1], PROMPTS[2])):
-        expected = peft_greedy(llama_dir, loras, ids_of(tokenizer, prompt), 16)
-        assert len({tuple(v) for v in expected.values()}) == 3  # the adapters change the output
-        assert got[3 * k:3 * k + 3] == [expected[name] for name in names]
-
-
-def test_runtime_adapters_stay_inside_the_model_root(llama_dir, loras, tmp_path):
-    from peft import PromptTuningConfig, get_peft_model
-
-    outside = tmp_path / "outside"
-    shutil.copytree(loras["a1"], outside)
-    root = llama_dir.parent
-    link = root / "adapters" / "leads_out"
-    if not link.exists():
-        os.symlink(outside, link)
-    prompt_tuned = root / "adapters" / "prompt_tuned"
-    get_peft_model(LlamaForCausalLM.from_pretrained(llama_dir),
-                   PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(prompt_tuned)
-
-    async def main():
-        async with serving(llama_dir, model_root=str(root)) as engine:
-            for path in (str(outside), "../../outside", str(link), "adapters/leads_out", "adapters/missing"):
-                with pytest.raises(ModelNotFound):
-                    await engine.load_adapter("x", path)
-            with pytest.raises(EngineError, match="LORA, IA3, BOTTLENECK") as refused:
-                await engine.load_adapter("pt", "adapters/prompt_tuned")
-            running = asyncio.create_task(collect(engine, ask(engine, PROMPTS[1], max_tokens=40)))
-            await asyncio.sleep(0.02)
-            await engine.load_adapter("a3", "adapters/a2")  # between decode steps of the running job
-            names = engine.model_names()
-            served = await collect(engine, ask(engine, PROMPTS[1], model="a3", max_tokens=8))
-            await engine.unload_adapter("a3")
-            with pytest.raises(ModelNotFound):
-                await engine.generate(ask(engine, PROMPTS[1], model="a3")).__anext__()
-            return names, tokens(served), await running, str(refused.value)
-
-    names, served, running, refused = run(main())
-    assert names == ["llama", "a3"] and len(served) == 8
-    assert running[-1].finish_reason in ("length", "stop") and "optimize" in refused
 
 
 @pytest.mark.parametrize("family", ["llama_dir", "gpt2_dir"])
