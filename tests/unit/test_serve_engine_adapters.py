@@ -140,3 +140,27 @@ def test_runtime_adapters_stay_inside_the_model_root(llama_dir, loras, tmp_path)
     names, served, running, refused = run(main())
     assert names == ["llama", "a3"] and len(served) == 8
     assert running[-1].finish_reason in ("length", "stop") and "optimize" in refused
+
+
+def test_a_bottleneck_adapter_is_served_like_its_model(llama_dir, tokenizer, tmp_path):
+    from lifecycle.training.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+
+    torch.manual_seed(3)
+    config = BottleneckConfig(bottleneck_size=8, non_linearity="silu", dropout=0.0,
+                              target_modules=["o_proj", "down_proj"], scaling=1.0)
+    adapted = add_bottleneck(LlamaForCausalLM.from_pretrained(llama_dir), config, "neck")
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "adapter_up" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter (it starts as the identity)
+    save_bottleneck(adapted, tmp_path / "neck", "neck")
+    ids = ids_of(tokenizer, PROMPTS[2])
+
+    async def main():
+        async with serving(llama_dir, adapters={"neck": str(tmp_path / "neck")}) as engine:
+            return await asyncio.gather(*(collect(engine, ask(engine, ids, model=m, max_tokens=12))
+                                          for m in ("neck", "llama")))
+
+    neck, base = run(main())
+    expected = hf_greedy(adapted.model.eval(), ids, 12)
+    assert tokens(neck) == expected != tokens(base)
