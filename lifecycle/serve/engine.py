@@ -60,13 +60,17 @@ class LocalEngine:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer().decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        """The chat template applied with the assistant's turn opened; NoChatTemplate when the model has none."""
+    def render_chat(self, messages: list[dict], model: str | None = None) -> list[int]:
+        """The chat template (an adapter's own, saved by `lifecycle finetune`, else the base's) applied with the
+        assistant's turn opened; NoChatTemplate when neither has one."""
         tok = self._tokenizer()
-        if tok.chat_template is None:
-            raise NoChatTemplate(f"model {self.name} has no chat template (its tokenizer_config.json sets none): send "
-                                 "a plain prompt to /v1/completions, or serve a `lifecycle finetune` output")
-        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        template = _adapter_chat_template(self._served.adapters.get(model)) if self._served and model else None
+        template = template or tok.chat_template
+        if template is None:
+            raise NoChatTemplate(f"model {model or self.name} has no chat template (neither it nor its base's "
+                                 "tokenizer sets one): send a plain prompt to /v1/completions, or serve a "
+                                 "`lifecycle finetune` output")
+        out = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -219,3 +223,15 @@ def _configured_context(model_dir: Path) -> int:
     except (OSError, json.JSONDecodeError):
         return 0
     return int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
+
+
+def _adapter_chat_template(directory: str | None) -> str | None:
+    """The chat template saved beside an adapter (chat_template.jinja, or tokenizer_config.json's), if any."""
+    if not directory:
+        return None
+    jinja, config = Path(directory) / "chat_template.jinja", Path(directory) / "tokenizer_config.json"
+    if jinja.is_file():
+        return jinja.read_text()
+    if config.is_file():
+        return json.loads(config.read_text()).get("chat_template")
+    return None

@@ -47,8 +47,8 @@ class HybridEngine:
     def decode(self, ids: list[int]) -> str:
         return self.small.decode(ids)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        return self.small.render_chat(messages)
+    def render_chat(self, messages: list[dict], model: str | None = None) -> list[int]:
+        return self.small.render_chat(messages, model if model in self.small.model_names() else None)
 
     async def start(self) -> None:
         await self.small.start()

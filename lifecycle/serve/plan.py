@@ -49,7 +49,7 @@ def chat_plan(req: ChatRequest, engine, settings) -> Plan:
     model = check_model(req.model or engine.model_names()[0], engine.model_names())
     messages = [m.model_dump() for m in req.messages]
     try:
-        ids = engine.render_chat(messages)
+        ids = engine.render_chat(messages, model)
     except NoChatTemplate as e:
         raise ApiError(400, str(e), param="messages", code="no_chat_template") from None
     text = "\n".join(m["content"] for m in messages)
@@ -65,7 +65,10 @@ def _plan(kind, model, chat, prompts, req, engine, settings, logprobs, echo) -> 
         max_tokens = _max_tokens(len(ids), requested_max_tokens(req), engine.context_length, settings)
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j  # n choices differ, each reproducible
-            requests.append(GenerationRequest(ids, sampling(req, max_tokens, logprobs, echo, seed), model,
+            # Each token's log-prob always (k=0 when not asked: the answer then shows none), so the usage log's
+            # mean_logprob tells the monitor how sure the model was of every answer.
+            lp = 0 if logprobs is None else logprobs
+            requests.append(GenerationRequest(ids, sampling(req, max_tokens, lp, echo, seed), model,
                                               deadline, f"{rid}-{len(requests)}"))
     return Plan(rid, model, chat, prompts, requests, req.n, req.stream,
                 bool(req.stream_options and req.stream_options.include_usage), echo, logprobs is not None,

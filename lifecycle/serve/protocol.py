@@ -102,7 +102,8 @@ class Engine(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def render_chat(self, messages: list[dict]) -> list[int]: ...  # raises NoChatTemplate
+    def render_chat(self, messages: list[dict], model: str | None = None) -> list[int]: ...
+    # `model`'s chat template (an adapter may carry its own), else the base's; raises NoChatTemplate
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream events (an async generator). A refused request raises its EngineError from the first `__anext__`,

@@ -50,7 +50,7 @@ class FakeEngine:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i != EOS)
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], model: str | None = None) -> list[int]:
         if not self.chat_template:
             raise NoChatTemplate(f"model {self.name} has no chat template; use /v1/completions with a plain prompt")
         return self.encode("".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>")

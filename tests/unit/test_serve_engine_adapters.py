@@ -164,3 +164,24 @@ def test_a_bottleneck_adapter_is_served_like_its_model(llama_dir, tokenizer, tmp
     neck, base = run(main())
     expected = hf_greedy(adapted.model.eval(), ids, 12)
     assert tokens(neck) == expected != tokens(base)
+
+
+def test_an_adapter_brings_its_own_chat_template(llama_dir, loras, tokenizer, tmp_path):
+    """`lifecycle finetune` saves the chat template beside the adapter; chats to it use it, the base has none."""
+    chatty = tmp_path / "chatty"
+    shutil.copytree(loras["a1"], chatty)
+    (chatty / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+
+    async def main():
+        async with serving(llama_dir, adapters={"chatty": str(chatty)}) as engine:
+            with pytest.raises(NoChatTemplate, match="llama has no chat template"):
+                engine.render_chat(messages, "llama")
+            return engine.render_chat(messages, "chatty")
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    try:
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    finally:
+        tokenizer.chat_template = None
+    assert run(main()) == list(expected)
