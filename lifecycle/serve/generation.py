@@ -61,7 +61,7 @@ async def handle(request: Request, ctx, route: Route) -> Response:
         if not ctx.engine.ready:  # the tokenizer and the context length come with the model
             raise NotReady("the model is not loaded (still loading, draining or failed to load)")
         plan = route.plan(req, ctx.engine, ctx.settings)
-        tally.model = plan.model
+        tally.model, tally.request_id = plan.model, plan.rid
         if plan.stream:
             response = await start_stream(request, ctx, plan, tally)
             streaming = True

@@ -23,7 +23,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from lifecycle.errors import ConfigError
+from lifecycle.serve.aliases import add_alias_routes
 from lifecycle.serve.auth import KeyStore
+from lifecycle.serve.feedback import add_feedback_route
 from lifecycle.serve.generation import Route, handle, refusal
 from lifecycle.serve.limits import ApiError, BodyLimit, Gate, ServeState
 from lifecycle.serve.metrics import ServeMetrics
@@ -86,6 +88,8 @@ def build_app(engine, keys: KeyStore, meter: UsageMeter | None, metrics: ServeMe
     app.state.serve, app.state.ctx = state, ctx
     _add_routes(app, ctx)
     _add_admin_routes(app, ctx)
+    add_alias_routes(app, ctx)
+    add_feedback_route(app, ctx)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     known_paths = {route.path for route in app.routes}  # labels for requests the gate answers before routing

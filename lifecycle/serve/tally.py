@@ -29,6 +29,7 @@ class Tally:
     mean_logprob: float | None = None
     stats: dict | None = None
     text: dict | None = None
+    request_id: str | None = None    # the id the client got back, so feedback can name it
 
     def fold(self, prompts: list[tuple[str, list[int]]], choices: list[Choice], fan: Fanout | None) -> None:
         """Tokens, timings, log-probs and drift statistics from what the jobs produced."""
@@ -69,4 +70,5 @@ def record(tally: Tally, metrics, meter, log_text: bool) -> None:
             key_id=tally.key_id, model=tally.model, frontend=FRONTEND, route=tally.route, status=tally.status,
             prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens, latency_ms=seconds * 1000,
             ttft_ms=None if tally.ttft is None else tally.ttft * 1000, finish_reason=tally.finish_reason,
-            mean_logprob=tally.mean_logprob, stats=tally.stats, text=tally.text if log_text else None))
+            mean_logprob=tally.mean_logprob, stats=tally.stats, text=tally.text if log_text else None,
+            request_id=tally.request_id))

@@ -11,7 +11,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import (
-    JSON, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, inspect, select,
+    JSON, Boolean, Column, Float, Integer, MetaData, String, Table, create_engine, event, func, inspect, select,
 )
 from sqlalchemy.engine import make_url
 
@@ -37,6 +37,19 @@ requests_table = Table(
     Column("mean_logprob", Float),                          # the generated tokens' mean log-prob, when computed
     Column("stats", JSON),                                  # prompt/output statistics for drift monitoring
     Column("text", JSON),                                   # prompt and output text, only where the config allows
+    Column("request_id", String(64), index=True),           # the id the client got (cmpl-...), for feedback
+)
+# Ratings clients send about a completion (POST /v1/feedback); read by the monitor and the retrain loop.
+feedback_table = Table(
+    "feedback", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ts", Float, nullable=False, index=True),
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("key_id", String(64), nullable=False),
+    Column("rating", Integer, nullable=False),              # -1/+1 (scale "thumbs") or 1-5 (scale "stars")
+    Column("scale", String(8), nullable=False),
+    Column("negative", Boolean, nullable=False),            # thumbs down, or 1-2 stars
+    Column("comment", String(2000)),
 )
 
 
@@ -56,6 +69,7 @@ class UsageRecord:
     stats: dict | None = None
     text: dict | None = None
     ts: float = field(default_factory=time.time)
+    request_id: str | None = None
 
 
 def request_stats(prompt: str, output: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
@@ -75,6 +89,7 @@ class UsageMeter:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._queue: queue.Queue[UsageRecord | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self._writer.start()
@@ -114,6 +129,20 @@ class UsageMeter:
             if any(r is None for r in batch):
                 return
 
+    def record_feedback(self, request_id: str, key_id: str, rating: int, scale: str, negative: bool,
+                        comment: str | None) -> int:
+        """Store a rating of one of this key's completions; UnknownRequest if the key never got that id."""
+        self.flush()  # the usage row of a request answered a moment ago may still be queued
+        t = requests_table
+        with self.engine.begin() as conn:
+            known = conn.execute(select(t.c.id).where(t.c.request_id == request_id, t.c.key_id == key_id)
+                                 .limit(1)).first()
+            if known is None:
+                raise UnknownRequest(request_id)
+            row = dict(ts=time.time(), request_id=request_id, key_id=key_id, rating=rating, scale=scale,
+                       negative=negative, comment=comment)
+            return conn.execute(feedback_table.insert().values(**row)).inserted_primary_key[0]
+
     def statement(self, since: float, until: float, key_id: str | None = None) -> list[dict]:
         """Per key and model: requests, prompt/completion tokens, mean latency and errors in [since, until)."""
         with self.engine.connect() as conn:
@@ -142,6 +171,24 @@ class NoUsage(DataError):
     def __init__(self, url: str):
         super().__init__(f"no usage recorded yet: {url} does not exist; start `lifecycle serve` (it meters every "
                          "request there), or point db= at the server's usage database")
+
+
+class UnknownRequest(DataError):
+    """Feedback names a completion id this key was never given (or whose usage row was never written)."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"no completion {request_id!r} was served to this key")
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added to `requests` after a database was created (additive only): a usage.db of an older
+    version keeps working and gains them."""
+    have = {c["name"] for c in inspect(engine).get_columns(requests_table.name)}
+    with engine.begin() as conn:
+        for column in requests_table.columns:
+            if column.name not in have:
+                conn.exec_driver_sql(f"ALTER TABLE {requests_table.name} ADD COLUMN {column.name} "
+                                     f"{column.type.compile(engine.dialect)}")
 
 
 def _statement_query(since: float, until: float, key_id: str | None):
