@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # W&B goes online by itself when WANDB_API_KEY is set; the tests force offline mode and no hub access.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo smoke test test-slow bench clean
+.PHONY: setup prometheus demo smoke test test-slow bench clean
 
 $(BIN)/lifecycle: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,18 @@ $(BIN)/lifecycle: pyproject.toml
 	$(BIN)/python -m lifecycle.serve.grpc_stubs
 	touch $@
 
-setup: $(BIN)/lifecycle
+setup: $(BIN)/lifecycle prometheus
+
+# Prometheus + promtool (Debian/Ubuntu apt) for `lifecycle monitor`'s integration test; only when missing, and a
+# machine without apt (or without the rights) gets a warning: the rest of the project installs without it.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus || \
+	    { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; } || \
+	    echo "warning: could not install prometheus with apt; tests/integration/test_monitor_prometheus.py will skip"; \
+	  else echo "warning: no apt-get: install prometheus yourself, or test_monitor_prometheus.py will skip"; fi; }
 
 demo: setup
 	$(BIN)/lifecycle pipeline

@@ -5,4 +5,4 @@ __version__ = "0.1.0"
 
 # The config tree lives at the repository root (conf/), beside the package.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-STAGES = ("data", "pretrain", "finetune", "evaluate", "pipeline", "optimize", "compare", "cost", "usage", "serve")
+STAGES = ("data", "pretrain", "finetune", "evaluate", "pipeline", "optimize", "compare", "cost", "usage", "serve", "monitor")

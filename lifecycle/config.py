@@ -24,6 +24,7 @@ from lifecycle.schemas import (
     BillingSchema, BusinessSchema, CompareFiltersSchema, CompareSettingsSchema, CostRunsSchema, HardwareSchema,
     ProjectionSchema, ServingSchema,
 )
+from lifecycle.schemas import MonitorServerSchema, MonitorSettingsSchema, PrometheusSourceSchema, WebhookSchema
 
 
 # What each stage reads, and the schema of each node (None: a `_target_` node checked against its callable;
@@ -55,6 +56,10 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     # Dotted keys name nested nodes: the profile's engine (or vLLM command) is checked against its callable.
     "serve": {ROOT: ServeSettingsSchema, "deploy": DeploySchema, "check": ServeCheckSchema, "rest": None, "grpc": None, "deploy.engine": None,
               "deploy.vllm": None},
+    # Alert rules are checked by lifecycle.monitor.rules.load (each under its own name); drift by its module.
+    "monitor": {ROOT: MonitorSettingsSchema, "server": MonitorServerSchema, "prometheus": PrometheusSourceSchema,
+                "webhook": WebhookSchema, "alerts": None, "drift": None, "retrain": None, "registry": None,
+                "logger": None},
 }
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 

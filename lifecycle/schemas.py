@@ -485,3 +485,63 @@ class DeploySchema:
         _require((self.vllm is None) == bool(self.frontends), "deploy",
                  "a profile either runs our front ends (frontends + engine) or vLLM (vllm), not both or neither")
         _require(self.vllm is not None or self.engine is not None, "deploy.engine", "required with front ends")
+
+
+# ---- monitor: what is read, how often, over which window; alert rules are checked by lifecycle.monitor.rules ----
+class MonitorMode(Enum):
+    report = "report"
+    daemon = "daemon"
+    export = "export"
+
+
+@dataclass
+class MonitorSettingsSchema:
+    mode: MonitorMode = MonitorMode.report
+    interval_s: float = 15.0
+    max_ticks: Optional[int] = None
+    window_s: float = 300.0
+    export_dir: Optional[str] = None
+    db: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s > 0, "interval_s", f"must be > 0 seconds, got {self.interval_s}")
+        _require(self.window_s > 0, "window_s", f"must be > 0 seconds, got {self.window_s}")
+        _require(self.max_ticks is None or self.max_ticks >= 1, "max_ticks", "must be >= 1 or null (until stopped)")
+        _require(self.db is None or "://" in self.db, "db", f"a SQLAlchemy URL, e.g. sqlite:///outputs/serve/usage.db "
+                 f"(or null); got {self.db!r}")
+
+
+def _http(key: str, url: Optional[str]) -> None:
+    _require(url is None or url.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {url!r}")
+
+
+@dataclass
+class MonitorServerSchema:
+    url: str = "http://127.0.0.1:8000"
+    key_env: Optional[str] = None
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _http("server.url", self.url)
+        _require(self.timeout_s > 0, "server.timeout_s", "must be > 0")
+
+
+@dataclass
+class PrometheusSourceSchema:
+    url: Optional[str] = None
+    selector: str = 'job="lifecycle"'
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _http("prometheus.url", self.url)
+        _require(self.timeout_s > 0, "prometheus.timeout_s", "must be > 0")
+
+
+@dataclass
+class WebhookSchema:
+    url: Optional[str] = None
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _http("webhook.url", self.url)
+        _require(self.timeout_s > 0, "webhook.timeout_s", "must be > 0")

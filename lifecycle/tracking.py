@@ -69,3 +69,15 @@ def make_logger(node, run_dir: Path, stage: str, experiment: str, config: dict):
 
     return build(node, save_dir=str(run_dir), name=f"{stage}-{Path(run_dir).name}", group=experiment,
                        job_type=stage, run_config=config, _recursive_=False, _convert_="all")
+
+
+def alert(logger, title: str, text: str, severity: str) -> bool:
+    """A W&B alert (info | warning | critical) when the W&B run is online; False when there is none to send to."""
+    if type(logger).__name__ != "WandbLogger" or os.environ.get("WANDB_MODE") in ("offline", "disabled") \
+            or not _has_wandb_key():
+        return False
+    import wandb
+
+    level = {"info": wandb.AlertLevel.INFO, "warning": wandb.AlertLevel.WARN, "critical": wandb.AlertLevel.ERROR}
+    logger.experiment.alert(title=title, text=text, level=level[severity])
+    return True
