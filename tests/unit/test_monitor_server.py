@@ -4,12 +4,15 @@ its URL in one-shot mode and a logged failed tick in the daemon."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from serve_rest_live import KEY, Live, free_port
+from serve_rest_live import KEY, Live, free_port, until
 
-from conftest import make_cfg
+from conftest import ROOT, make_cfg
 from lifecycle.errors import LifecycleError
 from lifecycle.monitor.stage import run
 from lifecycle.serve.usage import UsageMeter
@@ -108,3 +111,18 @@ def test_daemon_rates_between_ticks(tmp_path):
     assert lines[0]["serve/requests"] == 2  # since the server started
     assert lines[1]["serve/requests"] == 0 and lines[1]["serve/window_s"] < 1  # only between the ticks
     assert m["monitor/ticks"] == 2 and m["monitor/failed_ticks"] == 0
+
+
+def test_daemon_stops_cleanly_on_sigterm(tmp_path):
+    run_dir = tmp_path / "out" / "monitor" / "sig"
+    proc = subprocess.Popen([sys.executable, "-m", "lifecycle.monitor", "mode=daemon", "interval_s=0.2",
+                             f"server.url=http://127.0.0.1:{free_port()}", f"paths.output_root={tmp_path / 'out'}",
+                             f"paths.run_dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    history = run_dir / "metrics.jsonl"
+    assert until(lambda: history.is_file() and len(history.read_text().splitlines()) >= 2, 30), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["monitor/ticks"] >= 2 and manifest["metrics"]["serve/up"] == 0
