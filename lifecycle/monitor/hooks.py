@@ -28,13 +28,13 @@ def measure_drift(drift, cfg, tick: dict, strict: bool) -> None:
     try:
         tick["metrics"] |= drift.measure(cfg.drift, cfg.db, tick["ts"] - cfg.window_s, tick["ts"])
         tick["sources"]["drift"] = str(cfg.drift.profile)
-    except LifecycleError as e:
+    except Exception as e:  # a daemon tick records any failure and goes on; a one-shot report raises it
         if type(e).__name__ == "NoTraffic":
             tick["absent"]["drift/*"] = str(e)
         elif strict:
             raise
         else:
-            tick["errors"]["drift"] = str(e)
+            tick["errors"]["drift"] = str(e) if isinstance(e, LifecycleError) else f"{type(e).__name__}: {e}"
 
 
 def retrain(cfg, event: dict) -> dict:

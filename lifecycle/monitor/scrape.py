@@ -74,7 +74,10 @@ def fetch(url: str, key_env: str | None, timeout_s: float) -> Snapshot:
         raise Unreachable(f"{target} answered 401: export a valid API key in ${key_env} (server.key_env)")
     if response.status_code != 200:
         raise Unreachable(f"{target} answered {response.status_code}: {response.text[:200]}")
-    return parse(response.text, time.time())
+    try:
+        return parse(response.text, time.time())
+    except ValueError as e:
+        raise Unreachable(f"{target} did not answer in the Prometheus text format: {e}") from None
 
 
 def baseline(history: list[Snapshot], now: Snapshot, window_s: float) -> Snapshot:
@@ -122,7 +125,7 @@ def _process(now: Snapshot, base: Snapshot, seconds: float) -> tuple[dict, dict]
     if now.has(GPU_GAUGE):
         metrics["serve/gpu_memory_mb"] = now.total(GPU_GAUGE) / MB
     else:
-        absent["serve/gpu_memory_mb"] = f"the server exports no GPU memory gauge ({GPU_GAUGE}): no GPU in use"
+        absent["serve/gpu_memory_mb"] = f"the server exports no GPU memory gauge ({GPU_GAUGE})"
     return metrics, absent
 
 

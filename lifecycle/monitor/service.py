@@ -23,7 +23,7 @@ class Collector:
     def sources(self) -> dict[str, str]:
         cfg = self.cfg
         server = f"prometheus {cfg.prometheus.url}" if cfg.prometheus.url else f"{cfg.server.url}/metrics"
-        return {"server": server, "requests": f"request log {_safe(cfg.db)}" if cfg.db else server}
+        return {"server": server, "requests": f"request log {_safe(cfg.db)}" if cfg.db else "the server's counters"}
 
     def collect(self, tick: int, strict: bool) -> dict:
         """{tick, ts, sources, metrics, absent, errors} for the window ending now."""
