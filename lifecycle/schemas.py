@@ -160,6 +160,7 @@ class InstructSchema:
     min_body_lines: int = 3
     max_chars: int = 2000
     val_fraction: float = 0.05
+    scrub: bool = False
 
     def __post_init__(self) -> None:
         _require(0 <= self.val_fraction < 1, "instruct.val_fraction", "must be in [0, 1)")

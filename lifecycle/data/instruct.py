@@ -170,6 +170,37 @@ def _prompt_and_body(lines: list[str], node: ast.FunctionDef | ast.AsyncFunction
     return head, body
 
 
+def scrub(records: Iterable[dict[str, Any]], steps: list, skips: Skips) -> list[dict[str, Any]]:
+    """Records with every message through the data steps that apply to any kind (cleaning, PII, blocklist) and
+    exact duplicates removed; a record one of whose messages a step drops is skipped and counted by reason."""
+    from lifecycle.data.document import Document, Drop
+    from lifecycle.data.dedup import exact_key
+
+    kept, seen = [], set()
+    for r in records:
+        messages, dropped = [], None
+        for m in r["messages"]:
+            doc = Document(r["id"], m["content"], r["source"], "chat")
+            for step in (s for s in steps if s.kinds is None):
+                doc = step(doc)
+                if isinstance(doc, Drop):
+                    dropped = f"{step.name}/{doc.reason}"
+                    break
+            if dropped:
+                break
+            messages.append({"role": m["role"], "content": doc.text})
+        if dropped or any(not m["content"].strip() for m in messages):
+            skips.add(dropped or "empty_after_cleaning", r["id"])
+            continue
+        key = exact_key(json.dumps(messages, ensure_ascii=False))
+        if key in seen:
+            skips.add("duplicate_pair", r["id"])
+            continue
+        seen.add(key)
+        kept.append({**r, "messages": messages})
+    return kept
+
+
 def split(records: Iterable[dict[str, Any]], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, val) by a hash of the record id: stable across runs and as the set grows."""
     train, val = [], []

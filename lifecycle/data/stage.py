@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict:
             tokens[split] = write_split(run_dir / f"{split}.bin", docs, tokenizer, dtype,
                                         profile if split == "train" else None)
     report.tokens = tokens
-    report.instruct = _instruct(cfg, collector, run_dir / "instruct", report.read_skips)
+    report.instruct = _instruct(cfg, collector, run_dir / "instruct", report.read_skips, steps)
 
     meta = {"dtype": dtype.name, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -127,11 +127,13 @@ def _tokenizer(cfg: DictConfig, docs):
     return load_pretrained(cfg.tokenizer.name_or_path)
 
 
-def _instruct(cfg: DictConfig, collector, out_dir: Path, skips: Skips) -> dict:
+def _instruct(cfg: DictConfig, collector, out_dir: Path, skips: Skips, steps: list) -> dict:
     """instruct/{train,val}.jsonl: pairs from the corpus's code follow their document's split (validation pairs
     come from held-out documents); pairs from the listed instruction files are split by a hash of their id."""
     records = collector.records if collector is not None else {"train": [], "val": []}
     user = [r for path in cfg.instruct.files for r in instruct.read_jsonl(Path(path).expanduser(), skips)]
+    if cfg.instruct.scrub:  # e.g. logged traffic for retraining: the corpus's cleaning and PII rules apply too
+        user = instruct.scrub(user, steps, skips)
     train, val = instruct.split(user, cfg.instruct.val_fraction)
     return {"train": instruct.write_jsonl(out_dir / "train.jsonl", records["train"] + train),
             "val": instruct.write_jsonl(out_dir / "val.jsonl", records["val"] + val)}

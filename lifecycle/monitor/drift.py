@@ -70,14 +70,8 @@ def read_profile(path) -> dict:
 
 def read_window(db_url: str, since: float, until: float) -> tuple[list[dict], set[str]]:
     """(generation rows with statistics in the window, request ids rated negatively), read-only."""
-    url = make_url(db_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
-        raise NoUsage(db_url)  # before create_engine, which would create an empty file
-    engine = create_engine(db_url)
+    engine, tables = open_usage(db_url)
     try:
-        tables = inspect(engine).get_table_names()
-        if requests_table.name not in tables:
-            raise NoUsage(db_url)
         t = requests_table
         query = select(t.c.prompt_tokens, t.c.finish_reason, t.c.mean_logprob, t.c.stats, t.c.request_id) \
             .where(t.c.ts >= since, t.c.ts < until, t.c.status == 200, t.c.stats.is_not(None)).order_by(t.c.ts)
@@ -90,6 +84,19 @@ def read_window(db_url: str, since: float, until: float) -> tuple[list[dict], se
         return rows, negative
     finally:
         engine.dispose()
+
+
+def open_usage(db_url: str):
+    """(engine, table names) of an existing usage database; NoUsage where there is none (never created here)."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        raise NoUsage(db_url)  # checked before create_engine, which would create an empty file
+    engine = create_engine(db_url)
+    tables = inspect(engine).get_table_names()
+    if requests_table.name not in tables:
+        engine.dispose()
+        raise NoUsage(db_url)
+    return engine, tables
 
 
 def token_js(prompts: list[list[int]], reference: np.ndarray) -> float:

@@ -55,6 +55,28 @@ class Peft:
         return out
 
 
+class PeftFrom(Peft):
+    """Go on training an existing PEFT adapter (the production one, say) rather than starting a fresh one."""
+
+    def __init__(self, path: str | None, adapter_name: str, lr: float):
+        super().__init__(None, adapter_name, lr, mergeable=False)
+        self.path = path
+
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import PeftModel
+
+        from lifecycle.models.adapters import read_config
+
+        if not self.path:
+            raise ConfigError("strategy=lora_continue: set strategy.path to the adapter directory to continue")
+        kind = read_config(Path(self.path)).get("peft_type")
+        if kind not in ("LORA", "IA3"):
+            raise ConfigError(f"strategy.path={self.path}: a {kind} adapter; lora_continue continues LoRA or IA3 "
+                              "adapters (train a new one with strategy=<its kind> instead)")
+        self.mergeable = True
+        return PeftModel.from_pretrained(model, self.path, adapter_name=self.adapter_name, is_trainable=True)
+
+
 class Bottleneck:
     """Houlsby bottleneck adapters after the attention and MLP output projections (lifecycle.training.bottleneck)."""
 
@@ -102,6 +124,10 @@ def lora(r: int, alpha: int, dropout: float, target_modules, adapter_name: str, 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                         target_modules=_targets(target_modules))
     return Peft(config, adapter_name, lr, mergeable=True)
+
+
+def lora_continue(path: str | None, adapter_name: str, lr: float) -> PeftFrom:
+    return PeftFrom(path, adapter_name, lr)
 
 
 def ia3(target_modules, feedforward_modules, adapter_name: str, lr: float) -> Peft:
