@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from lifecycle.monitor.rules import Alerts
 from lifecycle.monitor.traffic import NO_TRAFFIC
@@ -33,7 +34,7 @@ def rule_rows(alerts: Alerts, metrics: dict) -> list[tuple[str, str, str, str]]:
 
 def console(tick: dict, alerts: Alerts, window_s: float) -> Group:
     """The metrics table and the alert rules table of one tick."""
-    metrics = Table(title=headline(tick, window_s), title_justify="left")
+    metrics = Table()
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
     for key, value in tick["metrics"].items():
@@ -45,7 +46,7 @@ def console(tick: dict, alerts: Alerts, window_s: float) -> Group:
         rules.add_column(column)
     for name, condition, value, state in rule_rows(alerts, tick["metrics"]):
         rules.add_row(name, condition, value, f"[{STYLE[state]}]{state}[/]")
-    return Group(metrics, rules)
+    return Group(Text(headline(tick, window_s)), metrics, rules)
 
 
 def markdown(tick: dict, alerts: Alerts, window_s: float, events: list[dict]) -> str:
