@@ -31,19 +31,21 @@ async def self_check(url: str, key: str, model: str, requests: int, concurrency:
 async def _stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
-    started, first, tokens, status = time.perf_counter(), None, 0, 0
+    started, first, tokens, chunks, status = time.perf_counter(), None, 0, 0, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         status = response.status_code
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter()
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                chunks += 1
+                first = first or time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return {"status": status, "latency": end - started, "ttft": (first or end) - started, "tokens": tokens}
+    # A server that sends no usage chunk is counted one token per text chunk (OpenAI streams one token per chunk).
+    return {"status": status, "latency": end - started, "ttft": (first or end) - started, "tokens": tokens or chunks}
 
 
 def _figures(results: list[dict], wall: float, concurrency: int) -> dict:
