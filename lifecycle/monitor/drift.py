@@ -74,9 +74,10 @@ def read_window(db_url: str, since: float, until: float) -> tuple[list[dict], se
     try:
         t = requests_table
         query = select(t.c.prompt_tokens, t.c.finish_reason, t.c.mean_logprob, t.c.stats, t.c.request_id) \
-            .where(t.c.ts >= since, t.c.ts < until, t.c.status == 200, t.c.stats.is_not(None)).order_by(t.c.ts)
+            .where(t.c.ts >= since, t.c.ts < until, t.c.status == 200).order_by(t.c.ts)
         with engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+            # Only generations carry statistics; a JSON column stores None as JSON null, so filter here, not in SQL.
+            rows = [dict(r._mapping) for r in conn.execute(query) if r.stats]
             negative = set()
             if feedback_table.name in tables:
                 f = feedback_table

@@ -108,9 +108,8 @@ def _logged(db_url: str, since: float) -> tuple[list[dict], set[str]]:
     try:
         t, f = requests_table, feedback_table
         with engine.connect() as conn:
-            rows = [dict(x._mapping) for x in conn.execute(
-                select(t.c.id, t.c.request_id, t.c.text).where(t.c.ts >= since, t.c.status == 200,
-                                                                t.c.stats.is_not(None)).order_by(t.c.ts))]
+            query = select(t.c.id, t.c.request_id, t.c.text, t.c.stats).where(t.c.ts >= since, t.c.status == 200)
+            rows = [dict(x._mapping) for x in conn.execute(query.order_by(t.c.ts)) if x.stats]  # generations only
             negative = {x[0] for x in conn.execute(select(f.c.request_id).where(f.c.negative.is_(True)))} \
                 if f.name in tables else set()
         return rows, negative

@@ -66,6 +66,7 @@ def test_output_side_shares_and_feedback(tmp_path, meter):
     log(meter, [1, 2], ts=11, empty=True, lp=-4.0, rid="cmpl-b")
     log(meter, [1, 2], ts=12, rid="cmpl-c")
     log(meter, [1, 2], ts=13, rid="cmpl-d")
+    meter.record(UsageRecord("k", "-", "rest", "/v1/models", 200, ts=14))  # not a generation: not counted
     meter.record_feedback("cmpl-a", "k", -1, "thumbs", True, None)
     meter.record_feedback("cmpl-c", "k", 5, "stars", False, None)
     m = drift.measure(cfg(tmp_path), meter.url, 0, 100)
