@@ -55,7 +55,7 @@ STAGE_NODES: dict[str, dict[str, Any]] = {
     "usage": {ROOT: UsageSettingsSchema, "logger": None},
     # Dotted keys name nested nodes: the profile's engine (or vLLM command) is checked against its callable.
     "serve": {ROOT: ServeSettingsSchema, "deploy": DeploySchema, "check": ServeCheckSchema, "rest": None, "grpc": None, "deploy.engine": None,
-              "deploy.vllm": None},
+              "deploy.vllm": None, "logger": None},
     # Alert rules are checked by lifecycle.monitor.rules.load (each under its own name); drift by its module.
     "monitor": {ROOT: MonitorSettingsSchema, "server": MonitorServerSchema, "prometheus": PrometheusSourceSchema,
                 "webhook": WebhookSchema, "alerts": None, "drift": None, "retrain": None, "registry": None,

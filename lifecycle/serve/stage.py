@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lifecycle import artifacts
+from lifecycle import artifacts, tracking
 from lifecycle.config import build, resolved, validate
 from lifecycle.errors import CheckpointError, ConfigError
 from lifecycle.serve.auth import KeyStore
@@ -48,7 +48,11 @@ def run(cfg: DictConfig) -> dict:
         meter.close()
     summary = {**_summary(metrics, started), **checked}
     inputs = {"model": _model_record(cfg.deploy.engine)}
-    artifacts.finish_run(run_dir, STAGE, inputs, summary, config, started)
+    logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)  # after serving: no W&B start-up delay
+    if logger is not None:
+        logger.log_metrics(summary)
+    artifacts.finish_run(run_dir, STAGE, inputs, summary, config, started, tracking.run_id(logger))
+    tracking.finish(logger)
     print("served: " + ", ".join(f"{k.removeprefix('serve/')} {v}" for k, v in summary.items()))
     return summary
 
