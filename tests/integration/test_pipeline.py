@@ -16,11 +16,12 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shap
 def test_smoke_pipeline_with_wandb_offline_leaks_no_key(tmp_path):
     out = cli("lifecycle.pipeline", f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'pipeline' / 'p'}",
               "experiment=smoke", "logger=wandb", 'steps.data.overrides=["max_bytes=400000"]',
-              env={"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}, timeout=600)
+              env={"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     manifest = json.loads((tmp_path / "pipeline" / "p" / "manifest.json").read_text())
     stages = manifest["metrics"]["steps"]
-    assert list(stages) == ["data", "pretrain", "evaluate_base", "finetune", "evaluate_tuned", "cost"]
+    assert list(stages)[:5] == ["data", "pretrain", "evaluate_base", "finetune", "evaluate_tuned"]
+    assert list(stages)[-1] == "cost"
     assert manifest["metrics"]["gates"]["evaluate_tuned"] in ("pass", "fail")
     pretrain_dir = Path(stages["pretrain"]["run_dir"])
     assert (tmp_path / "pretrain" / "latest").resolve() == pretrain_dir
@@ -43,7 +44,7 @@ def check_cost_and_compare(tmp_path: Path, stages: dict) -> None:
 
     cost = json.loads((Path(stages["cost"]["run_dir"]) / "manifest.json").read_text())["metrics"]
     assert cost["cost/pretrain/usd"] > 0 and cost["cost/finetune/usd"] > 0 and cost["projection/usd"] > 0
-    for key in ("cost/inference/usd_per_1k", "cost/roi"):  # no serve step yet: missing, with the reason
+    for key in ("cost/inference/usd_per_1k", "cost/roi"):  # present, or missing with the reason
         assert (cost[key] is None) == (key in cost["missing"])
     compare(make_cfg("compare", tmp_path / "compare" / "c", ["filters.stage=finetune", "logger=none"]))
     with open(tmp_path / "compare" / "c" / "compare.csv") as f:
