@@ -12,6 +12,7 @@ from lifecycle.errors import GateFailed, LifecycleError
 USAGE = f"""usage: lifecycle <stage> [hydra overrides] [--help | --cfg job | -m ...]
 
 stages: {', '.join(STAGES)}
+sweeps: lifecycle sweep <file or name> [--trials N] [--local] [overrides]   (lifecycle sweep --help)
 examples:
   lifecycle pipeline                           the whole loop on the embedded default data
   lifecycle pipeline experiment=smoke          the same, shrunk to under two minutes
@@ -25,7 +26,7 @@ def main() -> None:
         print(USAGE)
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     stage = sys.argv[1]
-    if stage not in STAGES:
+    if stage not in STAGES and stage != "sweep":  # a sweep's argument is a file, so it is no Hydra app
         sys.exit(f"lifecycle: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}")
     # exec, not import: the stage then runs as `python -m lifecycle.<stage>`, which is also the command
     # Lightning re-launches for each DDP rank.
