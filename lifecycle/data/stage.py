@@ -88,8 +88,8 @@ def run(cfg: DictConfig) -> dict:
     if logger is not None:
         logger.log_metrics(metrics)
         report.log_tables(logger)
-        tracking.log_dir_artifact(logger, run_dir / "tokenizer", f"tokenizer-{cfg.name}", "tokenizer", meta)
-        tracking.log_dir_artifact(logger, run_dir / "clean", f"dataset-{cfg.name}", "dataset", metrics)
+        outputs = {"dataset": run_dir / "clean", "tokenizer": run_dir / "tokenizer", "dataset:instruct": run_dir / "instruct"}
+        tracking.link_lineage(logger, run_dir, {}, {k: p for k, p in outputs.items() if p.exists()}, cfg.name, metrics)
     inputs = {name: {"units": [[k, fp] for (s, k, fp) in report.units if s == name]} for name in sources}
     artifacts.finish_run(run_dir, STAGE, inputs, metrics, config, started, tracking.run_id(logger))
     tracking.finish(logger)

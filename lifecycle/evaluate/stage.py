@@ -53,6 +53,8 @@ def run(cfg: DictConfig) -> dict:
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)
     if logger is not None:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracking.link_lineage(logger, run_dir, tracking.record_paths(target.record()),
+                              {"evaluation": run_dir / "eval.json"}, cfg.name, metrics)
         if hasattr(logger, "log_text") and samples:
             logger.log_text(key="samples", columns=list(samples[0]), data=[list(x.values()) for x in samples])
     inputs = {"target": target.record(), "data": artifacts.input_record(data_dir)}

@@ -71,8 +71,8 @@ def run(cfg: DictConfig) -> dict:
                **throughput.summary(module.device), "finetune/seconds": round(time.time() - started, 1)}
     if logger is not None:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for kind, directory in outputs.items():
-            tracking.log_dir_artifact(logger, directory, f"{kind}-{cfg.name}", "model", metrics)
+        tracking.link_lineage(logger, run_dir, {"model": cfg.base.name_or_path, "dataset": Path(cfg.data.dir) / "instruct"},
+                              outputs, cfg.name, metrics)  # outputs: {"adapter": dir} and/or {"model": dir}
     inputs = {"base": artifacts.input_record(cfg.base.name_or_path) if Path(cfg.base.name_or_path).exists()
               else {"path": cfg.base.name_or_path}, "data": artifacts.input_record(Path(cfg.data.dir) / "instruct")}
     artifacts.finish_run(run_dir, STAGE, inputs, {**metrics, "outputs": {k: str(v) for k, v in outputs.items()}},

@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
     if logger is not None:
         logger.log_metrics(metrics)
         report.log(logger, rows)
-        tracking.log_dir_artifact(logger, out, f"optimized-{cfg.name}-{name}", "model", metrics)
+        tracking.link_lineage(logger, run_dir, {"model": model_dir, "model:base": base_dir},
+                              {f"optimized-model:{name}": out}, cfg.name, metrics)
     artifacts.finish_run(run_dir, STAGE, inputs, {**metrics, "variant": name, "model": str(out),
                                                   "passes": [p.record() for p in passes]},
                          config, started, tracking.run_id(logger))

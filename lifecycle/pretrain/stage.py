@@ -60,7 +60,9 @@ def run(cfg: DictConfig) -> dict:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if hasattr(logger, "log_text"):
             logger.log_text(key="samples", columns=list(samples[0]), data=[list(s.values()) for s in samples])
-        tracking.log_dir_artifact(logger, model_dir, f"model-{cfg.name}", "model", metrics)
+        tracking.link_lineage(logger, run_dir, {"dataset": Path(cfg.data.dir) / "clean",
+                                                "tokenizer": Path(cfg.data.dir) / "tokenizer"},
+                              {"model": model_dir}, cfg.name, metrics)
     inputs = {"data": artifacts.input_record(cfg.data.dir)}
     if resume:
         inputs["resumed_from"] = artifacts.input_record(resume)

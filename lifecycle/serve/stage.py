@@ -51,6 +51,8 @@ def run(cfg: DictConfig) -> dict:
     logger = tracking.make_logger(cfg.logger, run_dir, STAGE, cfg.name, config)  # after serving: no W&B start-up delay
     if logger is not None:
         logger.log_metrics(summary)
+        tracking.link_lineage(logger, run_dir, tracking.record_paths(inputs["model"]),
+                              {"deployment": run_dir / "config.yaml"}, cfg.name, summary)
     artifacts.finish_run(run_dir, STAGE, inputs, summary, config, started, tracking.run_id(logger))
     tracking.finish(logger)
     print("served: " + ", ".join(f"{k.removeprefix('serve/')} {v}" for k, v in summary.items()))
