@@ -1,7 +1,9 @@
 """Drift and answer quality of live traffic: the request log in a time window against the data stage's profile.
 
 Input side (what users ask): `drift/token_js`, the Jensen-Shannon distance (base 2, in [0, 1]) between the token
-frequencies of the window's prompts and the training corpus; `drift/length_psi`, the population stability index
+frequencies of the window's prompts and the training corpus, beside `drift/token_js_baseline`, what a sample of the
+corpus itself of the same token count scores (JS of a small sample is large by sample size alone, so compare the
+two, or rules across windows of different size mislead); `drift/length_psi`, the population stability index
 of prompt lengths over the profile's length bins; `drift/ppl`, the production model's perplexity on the prompts
 (out-of-domain traffic raises it; only where `drift.model` is set). Output side (how it answers):
 `quality/mean_logprob` (mean over requests of the generated tokens' mean log-prob), `quality/empty_share`,
@@ -46,6 +48,7 @@ def measure(cfg_drift, db_url: str, since: float, until: float) -> dict[str, flo
     freqs = np.asarray(profile["token_frequencies"], dtype=np.float64)
     out = {"drift/requests": float(len(rows)),
            "drift/token_js": token_js(prompts, freqs),
+           "drift/token_js_baseline": token_js_baseline(sum(map(len, prompts)), freqs),
            "drift/length_psi": psi([r["prompt_tokens"] for r in rows], profile["length_bins"],
                                    profile["doc_tokens_hist"])}
     if cfg_drift.model:
@@ -109,6 +112,15 @@ def token_js(prompts: list[list[int]], reference: np.ndarray) -> float:
     if not live.sum():
         return math.nan
     return float(jensenshannon(live, reference, base=2))
+
+
+def token_js_baseline(n_tokens: int, reference: np.ndarray, draws: int = 5) -> float:
+    """The token_js an n-token sample of the corpus itself scores: the part of token_js due to sample size alone
+    (a small window is far from any large distribution). Thresholds compare token_js with it."""
+    rng = np.random.default_rng(0)
+    p = reference / reference.sum()
+    return float(np.mean([token_js([np.repeat(np.arange(p.size), rng.multinomial(n_tokens, p))], reference)
+                          for _ in range(draws)]))
 
 
 def psi(lengths: list[int], bins: list[int], reference_hist: list[int]) -> float:

@@ -1,16 +1,16 @@
 """The monitoring loop end to end: a served domain-A adapter meets domain-B traffic, drift fires, retraining runs,
 the gate passes and the server answers with the new version; a strict gate keeps the incumbent; faults leave
-production untouched. Domain A: the corpus's code (the data stage's function-body pairs); domain B: English prose
-(the stdlib's docstrings)."""
+production untouched. Domain A: the corpus's code (the data stage's function-body pairs); domain B: legal English
+(the paragraphs of Python's LICENSE.txt, a file the stdlib source reads none of)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +26,7 @@ from lifecycle.serve.usage import UsageMeter, UsageRecord
 pytestmark = pytest.mark.integration
 USER, ADMIN = "sk-loop-user-NOT-A-REAL-KEY", "sk-loop-admin-NOT-A-REAL-KEY"
 SMALL = ["experiment=smoke", "logger=none"]
+N = 36  # requests per traffic window
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,11 @@ def monitor_cfg(root: Path, data_dir: Path, url: str | None, *overrides: str):
 
 
 def prose_prompts(n: int) -> list[str]:
-    """Domain B: paragraphs of stdlib docstrings, first 30 words each."""
-    import argparse, collections, json as j, logging, os as o, pathlib, re, subprocess as sp, threading
-
-    out = []
-    for module in (argparse, collections, j, logging, o, pathlib, re, sp, threading):
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) or ""
-            out += [" ".join(p.split()[:30]) for p in doc.split("\n\n") if len(p.split()) >= 12]
-    return sorted(set(out))[:n]
+    """Domain B: paragraphs of Python's license, first 30 words each."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    paragraphs = [" ".join(p.split()[:30]) for p in text.split("\n\n") if len(p.split()) >= 12]
+    assert len(paragraphs) >= n
+    return paragraphs[:n]
 
 
 def code_prompts(data_dir: Path, n: int) -> list[str]:
@@ -120,22 +117,22 @@ def test_drift_fires_retraining_promotes_and_a_strict_gate_keeps_the_incumbent(b
         cfg = monitor_cfg(root, data_dir, url, f"drift.model={adapter_a}", f"drift.base={base_dir}")
         registry.promote(cfg.registry, registry.register(cfg.registry, str(adapter_a), str(base_dir)))
         t0 = time.time()
-        send(url, code_prompts(data_dir, 20))
+        send(url, code_prompts(data_dir, N))
         t1 = time.time()
-        answers = send(url, prose_prompts(40))
+        answers = send(url, prose_prompts(N))  # windows of equal size: token_js depends on sample size
         t2 = time.time() + 1
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {USER}"}) as c:
             for a in answers[:5]:  # users dislike five answers: they are left out of retraining
                 assert c.post("/v1/feedback", json={"id": a["id"], "rating": -1}).status_code == 200
         home, away = drift.measure(cfg.drift, cfg.db, t0, t1), drift.measure(cfg.drift, cfg.db, t1, t2)
-        rule = Rule("domain_drift", "drift/token_js", ">", (home["drift/token_js"] + away["drift/token_js"]) / 2,
-                    action="retrain")
+        # The threshold calibrated on in-domain traffic, as one would: 1.5x its perplexity.
+        rule = Rule("domain_drift", "drift/ppl", ">", 1.5 * home["drift/ppl"], action="retrain")
         assert not rule.holds(home) and rule.holds(away)
-        assert away["drift/ppl"] > home["drift/ppl"] and away["quality/negative_feedback_share"] == 5 / 40
+        assert away["drift/token_js"] > home["drift/token_js"] and away["quality/negative_feedback_share"] == 5 / N
 
         timeline = retrain.run(cfg, {"rule": rule.name, "metric": rule.metric, "value": away[rule.metric]})
         assert timeline["outcome"] == "promoted", timeline["error"]
-        assert timeline["steps"]["collect"]["pairs"] == 60 - 5  # every answer but the disliked ones
+        assert timeline["steps"]["collect"]["pairs"] == 2 * N - 5  # every answer but the disliked ones
         gate = json.loads((Path(timeline["steps"]["candidate"]["run_dir"]) / "manifest.json").read_text())
         cand, inc = gate["metrics"]["eval/domain/ppl"], gate["metrics"]["gate"]["rules"][0]["incumbent"]
         assert cand < inc  # held-out domain-B traffic: the new version fits it better
@@ -143,11 +140,13 @@ def test_drift_fires_retraining_promotes_and_a_strict_gate_keeps_the_incumbent(b
             assert c.get("/admin/aliases").json()["aliases"]["production"] == "production-v2"
         assert registry.production(cfg.registry)["path"] == timeline["steps"]["promote"]["run_dir"]
         t3 = time.time()
-        send(url, prose_prompts(40))
+        send(url, prose_prompts(N))
         after = drift.measure(OmegaConf.merge(cfg.drift, {"model": timeline["steps"]["promote"]["run_dir"]}),
                               cfg.db, t3, time.time() + 1)
         with capsys.disabled():
-            print(f"\nloop: token_js home {home['drift/token_js']:.3f} away {away['drift/token_js']:.3f}; "
+            print(f"\nloop: token_js home {home['drift/token_js']:.3f} away {away['drift/token_js']:.3f} "
+                  f"(baselines {home['drift/token_js_baseline']:.3f}, {away['drift/token_js_baseline']:.3f}), "
+                  f"ppl home {home['drift/ppl']:.1f}; "
                   f"ppl on B prompts v1 {away['drift/ppl']:.1f} -> v2 {after['drift/ppl']:.1f}; gate domain ppl "
                   f"{inc:.2f} -> {cand:.2f}; steps " + ", ".join(f"{k} {v['seconds']} s"
                                                                for k, v in timeline["steps"].items()))

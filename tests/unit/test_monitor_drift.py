@@ -56,6 +56,8 @@ def test_in_domain_traffic_scores_low_and_out_of_domain_high(tmp_path, meter):
     assert home["drift/requests"] == away["drift/requests"] == 10
     assert home["drift/token_js"] == pytest.approx(0, abs=1e-6) and away["drift/token_js"] == pytest.approx(1)
     assert home["drift/length_psi"] == pytest.approx(0, abs=1e-9)
+    freqs = np.asarray(json.loads(profile(tmp_path).read_text())["token_frequencies"], float)
+    assert drift.token_js_baseline(20, freqs) > drift.token_js_baseline(2000, freqs) > 0  # smaller: farther
     # all mass moved from bin 2 to bin 3: (1 - f) ln(1 / f) + (f - 1) ln(f / 1) with the floor f
     f = drift.PSI_FLOOR
     assert away["drift/length_psi"] == pytest.approx(2 * (1 - f) * math.log(1 / f))

@@ -103,3 +103,31 @@ def test_moving_the_alias_under_load_drops_no_request(served):
             t.join(30)
     assert sum(busy) >= 10, "the switches did not overlap running requests"
     assert len(results) > 20 and {s for s, _ in results} == {200}, results[:5]
+
+
+def test_negative_control_unload_then_reload_under_one_name_does_drop_requests(served, tmp_path):
+    """What the alias avoids: swapping an adapter in place leaves moments where its name is not served."""
+    live, _ = served
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "adapter_model.safetensors").write_bytes(b"")
+    statuses, stop = [], threading.Event()
+
+    def client_loop():
+        with live.client() as c:
+            while not stop.is_set():
+                statuses.append(c.post(CMPL, json={"model": "production-v1", "prompt": "abc",
+                                                   "max_tokens": 8}).status_code)
+
+    with live.client(ADMIN_KEY) as admin:
+        threads = [threading.Thread(target=client_loop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(20):
+            time.sleep(0.03)
+            admin.delete("/admin/adapters/production-v1")
+            time.sleep(0.01)
+            admin.post("/admin/adapters", json={"name": "production-v1", "path": "v3"})
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert 404 in statuses
