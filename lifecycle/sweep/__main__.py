@@ -11,7 +11,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides added to every trial, e.g. data.dir=...")
     parser.add_argument("--trials", type=int, default=None, help="trials in all (a resumed study counts its own)")
     parser.add_argument("--local", action="store_true", help="run a W&B sweep file through Optuna even when online")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     guarded(lambda a: run(a.file, a.overrides, a.trials, a.local))(args)
 
 

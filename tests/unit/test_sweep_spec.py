@@ -97,3 +97,17 @@ def test_online_definition_keeps_the_file_and_adds_overrides(tmp_path):
     assert d["parameters"] == WANDB["parameters"] and d["method"] == "bayes"
     cmd = online.agent_command("abc", 4, "proj", None)
     assert cmd[1:] == ["agent", "--count", "4", "--project", "proj", "abc"]
+
+
+def test_a_trial_left_running_by_a_killed_sweep_is_run_again(tmp_path):
+    from lifecycle.sweep.stage import _done, open_study
+
+    spec = specs.load(write(tmp_path, WANDB))
+    study = open_study(spec, tmp_path / "sweep")
+    killed = study.ask(trials.distributions(spec.params))  # the sweep died while this trial ran
+    study = open_study(spec, tmp_path / "sweep")
+    assert study.trials[0].state.name == "FAIL" and _done(study) == 0  # not counted towards n_trials
+    assert study.ask(trials.distributions(spec.params)).params == killed.params
+    with pytest.raises(ConfigError, match="direction"):
+        spec.direction = "maximize"
+        open_study(spec, tmp_path / "sweep")
