@@ -317,6 +317,7 @@ class BenchSchema:
     new_tokens: int = 32
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     repeats: int = 3
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require(self.prompt_tokens >= 1, "bench.prompt_tokens", "must be >= 1")
@@ -324,6 +325,7 @@ class BenchSchema:
         _require(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "bench.batch_sizes",
                  f"must be a non-empty list of sizes >= 1, got {self.batch_sizes}")
         _require(self.repeats >= 1, "bench.repeats", "must be >= 1")
+        _require(self.threads is None or self.threads >= 1, "bench.threads", "must be >= 1 or null (torch's default)")
 
 
 # ---- cost: the runs priced, the serving measurement, hardware profiles, the business case, projection, billing ----

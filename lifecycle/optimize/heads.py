@@ -22,8 +22,9 @@ def _shrink_attention(attn, keep_kv: int, group: int, head_dim: int) -> None:
     q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
     kv = k.out_features // head_dim
     # One score per key/value group: the norms of its query, key and value rows and of its output columns.
-    score = (q.weight.view(kv, group * head_dim, -1).norm(dim=(1, 2)) + k.weight.view(kv, head_dim, -1).norm(dim=(1, 2))
-             + v.weight.view(kv, head_dim, -1).norm(dim=(1, 2)) + o.weight.view(o.out_features, kv, -1).norm(dim=(0, 2)))
+    score = (q.weight.view(kv, group * head_dim, -1).norm(dim=(1, 2))                  # (kv,)
+             + k.weight.view(kv, head_dim, -1).norm(dim=(1, 2)) + v.weight.view(kv, head_dim, -1).norm(dim=(1, 2))
+             + o.weight.view(o.out_features, kv, -1).norm(dim=(0, 2)))
     kept = score.topk(keep_kv).indices.sort().values                                   # (keep_kv,)
     kv_rows = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()            # (keep_kv * head_dim,)
     q_rows = (kept[:, None] * group * head_dim + torch.arange(group * head_dim)).flatten()

@@ -1,6 +1,7 @@
 """What a model costs and buys: parameters, size on disk, perplexity, decode speed, time to first token, memory."""
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -72,6 +73,16 @@ def speed(model, tokenizer, data_dir: Path, bench) -> dict:
 
     tokens, _ = open_split(Path(data_dir), "val")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    threads = torch.get_num_threads()
+    torch.set_num_threads(bench.threads or threads)
+    try:
+        return _timings(model, tokens, pad, bench) | {"threads": torch.get_num_threads(),
+                                                        "load_avg": round(os.getloadavg()[0], 2)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timings(model, tokens, pad: int, bench) -> dict:
     out = {}
     for i, b in enumerate(bench.batch_sizes):
         ids = torch.from_numpy(tokens[:b * bench.prompt_tokens].astype("int64")).view(b, bench.prompt_tokens)  # (B, P)

@@ -10,7 +10,7 @@ from lifecycle import artifacts
 ROW, BASE = "row.json", "base_row.json"
 COLUMNS = {"variant": "variant", "params": "params", "size_mb": "size MB", "ppl_general": "ppl general",
            "ppl_general_change": "Δ general", "ppl_domain": "ppl domain", "ppl_domain_change": "Δ domain",
-           "ttft_ms": "TTFT ms", "peak_mb": "peak MB", "warmup_s": "warm-up s"}
+           "ttft_ms": "TTFT ms", "peak_mb": "peak MB", "warmup_s": "warm-up s", "load_avg": "load avg"}
 
 
 def with_changes(row: dict, base: dict) -> dict:

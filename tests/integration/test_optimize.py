@@ -15,7 +15,7 @@ from lifecycle.optimize.stage import run
 from conftest import TINY, make_cfg
 
 pytestmark = pytest.mark.integration
-FAST_BENCH = ["bench.new_tokens=4", "bench.repeats=1", "bench.prompt_tokens=8", "data.val_batches=2"]
+FAST_BENCH = ["bench.new_tokens=4", "bench.repeats=1", "bench.prompt_tokens=8", "bench.threads=1", "data.val_batches=2"]
 
 
 @pytest.fixture(scope="module")

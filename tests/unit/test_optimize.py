@@ -63,7 +63,8 @@ def test_int8_round_trip_is_exact_and_smaller(tmp_path):
     assert int8.quantized_names(loaded) == int8.quantized_names(quantized) != []
     torch.testing.assert_close(logits(loaded), logits(quantized), rtol=0, atol=0)
     # Honest size: decoder Linears shrink to a quarter; the tied head is now stored apart as int8; + fp32 scales.
-    decoder = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    decoder = sum(m.weight.numel() for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
     scales = 4 * sum(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     expected = (directory / "model.safetensors").stat().st_size - 3 * decoder + model.lm_head.weight.numel() + scales
     assert abs((out / int8.WEIGHTS).stat().st_size - expected) < 4096  # headers differ
@@ -164,3 +165,21 @@ def test_load_model_refuses_pickles_truncation_and_mismatch(tmp_path):
     weights.rename(directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only pickled weights \\(pytorch_model.bin\\)"):
         load_model(directory)
+
+
+def test_a_sweep_report_gathers_the_base_and_every_job_row_in_order(tmp_path):
+    from lifecycle.optimize import report
+
+    base = {"variant": "base", "passes": "-", "params": 10, "size_mb": 4.0, "ppl_general": 100.0,
+            "ppl_domain": 50.0, "tok_s_b1": 10.0, "tok_s_b8": 60.0, "ttft_ms": 5.0, "peak_mb": 1.0, "warmup_s": 0.1}
+    artifacts.write_json(tmp_path / report.BASE, base)
+    for job, name in ((10, "distill_half"), (0, "int8"), (1, "prune50")):
+        row = report.with_changes({**base, "variant": name, "ppl_general": 102.0 + job}, base)
+        artifacts.write_json(tmp_path / str(job) / report.ROW, row)
+    rows = report.gather(tmp_path)
+    assert [r["variant"] for r in rows] == ["base", "int8", "prune50", "distill_half"]
+    assert rows[1]["ppl_general_change"] == pytest.approx(0.02)
+    report.write(rows, tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    assert "| int8 | 10 | 4.00 | 102.00 | +2.00% |" in table and "tok/s b8" in table
+    assert (tmp_path / "quality_speed.png").read_bytes()[:4] == b"\x89PNG"
