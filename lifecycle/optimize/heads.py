@@ -9,13 +9,20 @@ def shrink(model, share: float) -> None:
     config = model.config
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    keep_kv = kv - round(share * kv)
+    keep_kv = kept_groups(kv, heads // kv, config.hidden_size, share)
     keep_inner = config.intermediate_size - round(share * config.intermediate_size)
     for layer in model.model.layers:
         _shrink_attention(layer.self_attn, keep_kv, heads // kv, head_dim)
         _shrink_mlp(layer.mlp, keep_inner)
     config.num_attention_heads, config.num_key_value_heads = keep_kv * (heads // kv), keep_kv
     config.intermediate_size, config.head_dim = keep_inner, head_dim  # head_dim no longer follows hidden/heads
+
+
+def kept_groups(kv: int, group: int, hidden_size: int, share: float) -> int | None:
+    """Key/value groups to keep: nearest to (1 - share) of them whose head count divides hidden_size (transformers
+    refuses to save a config where it does not), at least one and fewer than all; None if there is none."""
+    fits = [k for k in range(1, kv) if hidden_size % (k * group) == 0]
+    return min(fits, key=lambda k: (abs(k - (1 - share) * kv), k)) if fits else None
 
 
 def _shrink_attention(attn, keep_kv: int, group: int, head_dim: int) -> None:

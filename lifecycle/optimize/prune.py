@@ -52,9 +52,13 @@ class Structured(Pass):
         if facts.model_type not in LLAMA_LAYOUT:
             raise ConfigError(f"pass structured: supports {', '.join(LLAMA_LAYOUT)} models, not "
                               f"{facts.model_type!r}; use unstructured pruning (optimize=prune50) or distillation")
-        kv, inner = facts.config["num_key_value_heads"], facts.config["intermediate_size"]
-        require(kv - round(self.share * kv) >= 1,
-                f"pass structured: share={self.share} would remove all {kv} key/value head groups; lower it")
+        from lifecycle.optimize.heads import kept_groups
+
+        c = facts.config
+        heads, kv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        require(kept_groups(kv, heads // kv, c["hidden_size"], self.share) is not None,
+                f"pass structured: no smaller count of the {heads} attention heads divides hidden_size "
+                f"{c['hidden_size']} (transformers requires it); use optimize=distill_half or optimize=prune50")
         return facts
 
     def apply(self, model, tuner):
