@@ -29,7 +29,7 @@ def fmt(key: str, value: float | None) -> str:
     if value is None:
         return "missing"
     if "usd" in key:
-        return f"${value:,.6f}" if abs(value) < 0.01 else f"${value:,.2f}"
+        return f"${value:.3g}" if abs(value) < 0.01 else f"${value:,.2f}"
     if key.endswith(("/roi", "/mfu")):
         return f"{value:.1%}"
     if key.endswith(("flops", "/params", "/tokens")):
