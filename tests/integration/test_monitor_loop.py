@@ -43,7 +43,9 @@ def monitor_cfg(root: Path, data_dir: Path, url: str | None, *overrides: str):
     cfg = make_cfg("monitor", root / "monitor" / "run", [
         f"db=sqlite:///{root / 'usage.db'}", f"drift.profile={data_dir / 'profile.json'}",
         f"registry.server.url={url}" if url else "registry.server.url=null", "registry.server.key_env=LOOP_ADMIN",
-        "registry.wandb.enabled=false", "retrain.min_pairs=20", f"retrain.shared_overrides={SMALL}", *overrides])
+        "registry.wandb.enabled=false", "retrain.min_pairs=20", f"retrain.shared_overrides={SMALL}",
+        # smoke's 64-token sequences cut the answers off, and its one epoch is too little to move the model
+        "retrain.finetune_overrides=['data.seq_len=192','epochs=6','strategy.lr=3e-3']", *overrides])
     OmegaConf.set_struct(cfg, False)
     return cfg
 
@@ -125,10 +127,10 @@ def test_drift_fires_retraining_promotes_and_a_strict_gate_keeps_the_incumbent(b
             for a in answers[:5]:  # users dislike five answers: they are left out of retraining
                 assert c.post("/v1/feedback", json={"id": a["id"], "rating": -1}).status_code == 200
         home, away = drift.measure(cfg.drift, cfg.db, t0, t1), drift.measure(cfg.drift, cfg.db, t1, t2)
-        # The threshold calibrated on in-domain traffic, as one would: 1.5x its perplexity.
-        rule = Rule("domain_drift", "drift/ppl", ">", 1.5 * home["drift/ppl"], action="retrain")
-        assert not rule.holds(home) and rule.holds(away)
-        assert away["drift/token_js"] > home["drift/token_js"] and away["quality/negative_feedback_share"] == 5 / N
+        # The threshold calibrated on in-domain traffic, as one would: 15% over its token distance.
+        rule = Rule("domain_drift", "drift/token_js", ">", 1.15 * home["drift/token_js"], action="retrain")
+        assert not rule.holds(home) and rule.holds(away), (home, away)
+        assert away["drift/ppl"] > home["drift/ppl"] and away["quality/negative_feedback_share"] == 5 / N
 
         timeline = retrain.run(cfg, {"rule": rule.name, "metric": rule.metric, "value": away[rule.metric]})
         assert timeline["outcome"] == "promoted", timeline["error"]
@@ -157,7 +159,8 @@ def test_drift_fires_retraining_promotes_and_a_strict_gate_keeps_the_incumbent(b
         assert failed["outcome"] == "gate_failed" and "eval/domain/ppl" in failed["error"]
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {ADMIN}"}) as c:
             assert c.get("/admin/aliases").json()["aliases"]["production"] == "production-v2"
-        assert registry.load(strict.registry.path)["aliases"]["candidate"] == "v3"
+        reg = registry.load(strict.registry.path)  # a rejected candidate is never registered
+        assert sorted(reg["versions"]) == ["v1", "v2"] and reg["aliases"]["production"] == "v2"
 
 
 def log_traffic(root: Path, n: int, text: bool) -> None:
