@@ -495,6 +495,7 @@ class MonitorMode(Enum):
     report = "report"
     daemon = "daemon"
     export = "export"
+    rollback = "rollback"
 
 
 @dataclass

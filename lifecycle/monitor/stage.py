@@ -32,6 +32,8 @@ def run(cfg: DictConfig) -> dict:
     rules = rules_mod.load(OmegaConf.to_container(cfg.alerts, resolve=True))
     if cfg.mode == "export":
         return _export(cfg, rules, started, config)
+    if cfg.mode == "rollback":
+        return _rollback(cfg, started, config)
     drift = hooks.drift_module(cfg)
     collector, alerts = Collector(cfg), rules_mod.Alerts(rules)
     first = _measure(cfg, collector, drift, 1, strict=cfg.mode == "report")  # one-shot: a failure is an error
@@ -54,6 +56,17 @@ def run(cfg: DictConfig) -> dict:
     artifacts.finish_run(run_dir, STAGE, collector.sources(), metrics, config, started, tracking.run_id(logger))
     tracking.finish(logger)
     return metrics
+
+
+def _rollback(cfg, started: float, config: dict) -> dict:
+    """`lifecycle monitor mode=rollback`: production <- previous (and the server's alias with it)."""
+    from lifecycle.monitor.registry import rollback
+
+    result = rollback(cfg)
+    run_dir = artifacts.start_run(cfg.paths.run_dir, config)
+    artifacts.finish_run(run_dir, STAGE, {"registry": {"path": str(cfg.registry.path)}}, result, config, started)
+    print(f"rolled back: production is {result['production']} again (was {result['previous']})")
+    return result
 
 
 def _measure(cfg, collector: Collector, drift, n: int, strict: bool) -> dict:

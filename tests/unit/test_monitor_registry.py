@@ -111,3 +111,17 @@ def test_promotion_switches_the_server_and_an_unreachable_one_changes_nothing(tm
         assert registry.rollback(cfg(tmp_path, url=live.url))["served_name"] == "production-v2"
         with live.client(ADMIN_KEY) as admin:
             assert admin.get("/admin/aliases").json()["aliases"] == {"production": "production-v2"}
+
+
+def test_monitor_mode_rollback_restores_previous_and_records_a_run(tmp_path):
+    from conftest import make_cfg
+
+    from lifecycle.monitor.stage import run
+
+    out = tmp_path / "out"
+    c = make_cfg("monitor", out / "monitor" / "rb", ["mode=rollback", "logger=none"]).registry
+    registry.promote(c, registry.register(c, adapter(tmp_path, "a1"), "base"))
+    registry.promote(c, registry.register(c, adapter(tmp_path, "a2"), "base"))
+    result = run(make_cfg("monitor", out / "monitor" / "rb", ["mode=rollback", "logger=none"]))
+    assert result["production"] == "v1" and registry.load(c.path)["aliases"]["production"] == "v1"
+    assert (out / "monitor" / "rb" / "manifest.json").is_file()
