@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own registry, so several servers in one process stay apart)."""
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -39,6 +40,7 @@ class ServeMetrics:
             queued.set_function(lambda: stats()["queued"])
         if ready is not None:
             up.set_function(lambda: float(ready()))
+        _gpu_memory(r)
 
     def request(self, frontend: str, route: str, model: str, outcome: str, seconds: float) -> None:
         assert outcome in OUTCOMES, outcome
@@ -51,3 +53,13 @@ class ServeMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _gpu_memory(registry: CollectorRegistry) -> None:
+    """lifecycle_gpu_memory_bytes per CUDA device, only where this process has CUDA (the monitor reports it absent)."""
+    torch = sys.modules.get("torch")  # never imported here for a front end that runs without torch
+    if torch is None or not torch.cuda.is_available():
+        return
+    gauge = Gauge("lifecycle_gpu_memory_bytes", "GPU memory allocated by this process", ["device"], registry=registry)
+    for i in range(torch.cuda.device_count()):
+        gauge.labels(str(i)).set_function(lambda i=i: torch.cuda.memory_allocated(i))
