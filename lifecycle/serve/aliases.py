@@ -17,7 +17,7 @@ import dataclasses
 
 from fastapi import FastAPI, Request
 
-from lifecycle.serve.limits import ApiError
+from lifecycle.serve.limits import ApiError, require_admin
 from lifecycle.serve.names import check_adapter_name, check_model
 from lifecycle.serve.openai_api import _Body, parse
 from lifecycle.serve.protocol import EngineError
@@ -60,8 +60,7 @@ def add_alias_routes(app: FastAPI, ctx) -> None:
     engine = ctx.engine = AliasedEngine(ctx.engine)
 
     def admin(request: Request) -> None:
-        if request.scope["state"].get("key_id") not in ctx.settings.admin_key_ids:
-            raise ApiError(403, "this key may not manage aliases", code="not_admin")
+        require_admin(request.scope, ctx.settings.admin_key_ids, "aliases")
 
     @app.get("/admin/aliases")
     async def list_aliases(request: Request):

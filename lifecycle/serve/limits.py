@@ -45,6 +45,12 @@ class ApiError(Exception):
         await send({"type": "http.response.body", "body": self.body()})
 
 
+def require_admin(scope: dict, admin_key_ids: list[str], what: str) -> None:
+    """403 unless the request's key (the gate put its id in the scope) is one of the admin keys."""
+    if scope["state"].get("key_id") not in admin_key_ids:
+        raise ApiError(403, f"this key may not manage {what}", code="not_admin")
+
+
 def outcome_of(status: int) -> str:
     """The metrics outcome (metrics.OUTCOMES) of a finished request's status."""
     if status < 400:

@@ -27,7 +27,7 @@ from lifecycle.serve.aliases import add_alias_routes
 from lifecycle.serve.auth import KeyStore
 from lifecycle.serve.feedback import add_feedback_route
 from lifecycle.serve.generation import Route, handle, refusal
-from lifecycle.serve.limits import ApiError, BodyLimit, Gate, ServeState
+from lifecycle.serve.limits import ApiError, BodyLimit, Gate, ServeState, require_admin
 from lifecycle.serve.metrics import ServeMetrics
 from lifecycle.serve.names import adapter_dir, check_adapter_name, check_model
 from lifecycle.serve.openai_api import ChatRequest, CompletionRequest, _Body, check_chat, check_completion, parse
@@ -173,8 +173,7 @@ class AdapterBody(_Body):
 
 def _add_admin_routes(app: FastAPI, ctx: Context) -> None:
     def admin(request: Request) -> None:
-        if request.scope["state"].get("key_id") not in ctx.settings.admin_key_ids:
-            raise ApiError(403, "this key may not manage adapters", code="not_admin")
+        require_admin(request.scope, ctx.settings.admin_key_ids, "adapters")
 
     @app.post("/admin/adapters")
     async def load_adapter(request: Request):
