@@ -117,3 +117,10 @@ def test_every_optimize_variant_composes_and_builds_its_passes(variant, tmp_path
     validate(cfg, "optimize")
     passes = [instantiate(node) for node in cfg.passes.values()]
     assert passes and all(callable(p.apply) for p in passes)
+
+
+@pytest.mark.parametrize("profile", options("deploy"))
+def test_every_deploy_profile_composes_and_validates(profile, tmp_path):
+    cfg = make_cfg("serve", tmp_path / "serve" / "run", [f"deploy={profile}"])
+    validate(cfg, "serve")
+    assert set(cfg.deploy.frontends) <= {"rest", "grpc"} and (cfg.deploy.vllm is None) == bool(cfg.deploy.frontends)

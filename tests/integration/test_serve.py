@@ -121,6 +121,21 @@ def test_openai_client_grpc_and_a_drain_on_sigterm(base_dir, tmp_path):
     assert metrics["serve/requests_ok"] == 3 and metrics["serve/completion_tokens"] == 8 + 5 + 120
 
 
+def test_the_edge_profile_serves_an_int8_variant(base_dir, data_dir, tmp_path):
+    """deploy=edge on the int8 output of `lifecycle optimize`, measured by the self-check over real HTTP."""
+    from lifecycle.optimize.stage import run as optimize
+
+    variant = tmp_path / "optimize" / "int8"
+    optimize(make_cfg("optimize", variant, [*TINY, "optimize=int8", f"source.model={base_dir}", f"data.dir={data_dir}",
+                                             "bench.batch_sizes=[1]", "bench.repeats=1", "bench.new_tokens=4"]))
+    out = cli("lifecycle.serve", "deploy=edge", f"deploy.engine.model={variant / 'model'}", "port=0", "logger=none",
+              "check.requests=4", "check.concurrency=2", "check.max_tokens=8", f"hydra.run.dir={tmp_path / 'serve'}",
+              f"usage.db=sqlite:///{tmp_path / 'usage.db'}", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "serve" / "manifest.json").read_text())["metrics"]
+    assert metrics["serve/check_ok"] == 4 and metrics["serve/completion_tokens"] > 0
+
+
 def test_a_corrupt_model_fails_fast_naming_the_file(base_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(base_dir, broken)
