@@ -1,10 +1,15 @@
 """Shared fixtures: no network, outputs in a temp dir, composed configs, one tiny data run per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,6 +37,41 @@ def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.C
     """Run `python -m lifecycle.<stage> ...` as a user would."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(port: int, overrides: list[str], keys: str, ready_timeout: float = 120):
+    """`python -m lifecycle.serve` with LIFECYCLE_API_KEYS=keys until /ready answers; yields (URL, process);
+    SIGTERM (a drain) on the way out."""
+    proc = subprocess.Popen([sys.executable, "-m", "lifecycle.serve", f"port={port}", *overrides], cwd=ROOT,
+                            env={**os.environ, "LIFECYCLE_API_KEYS": keys}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not _ready(url):
+            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the server was not ready in time"
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")

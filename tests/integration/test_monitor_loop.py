@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import sysconfig
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, make_cfg
+from conftest import TINY, free_port, make_cfg, serve_process
 from lifecycle.monitor import drift, registry, retrain
 from lifecycle.serve.usage import UsageMeter, UsageRecord
 
@@ -66,35 +61,11 @@ def code_prompts(data_dir: Path, n: int) -> list[str]:
 @contextlib.contextmanager
 def server(root: Path, base_dir: Path):
     """`python -m lifecycle.serve` over the base model, text logging on, an admin key; yields its URL."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lifecycle.serve", f"port={port}", f"hydra.run.dir={root / 'serve'}",
-           f"paths.output_root={root}", f"deploy.engine.model={base_dir}", "usage.log_text=true",
-           f"usage.db=sqlite:///{root / 'usage.db'}", "auth.admin_key_ids=[ops]", "deploy.frontends=[rest]"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "LIFECYCLE_API_KEYS": f"user:{USER},ops:{ADMIN}"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(url):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.3)
+    overrides = [f"hydra.run.dir={root / 'serve'}", f"paths.output_root={root}", f"deploy.engine.model={base_dir}",
+                 "usage.log_text=true", f"usage.db=sqlite:///{root / 'usage.db'}", "auth.admin_key_ids=[ops]",
+                 "deploy.frontends=[rest]"]
+    with serve_process(free_port(), overrides, f"user:{USER},ops:{ADMIN}") as (url, _):
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def send(url: str, prompts: list[str], max_tokens: int = 24) -> list[dict]:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, cli, make_cfg
+from conftest import TINY, cli, free_port, make_cfg, serve_process
 
 pytestmark = pytest.mark.integration
 KEY = "sk-test-not-a-real-key"
@@ -25,40 +20,13 @@ EVAL = ["data.val_batches=2", "tasks.limit=8", "tasks.max_items=30", "samples.ma
         "samples.prompts=[def]", "gate.incumbent=null"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serving(run_dir: Path, *overrides: str, ready_timeout: float = 120):
-    """`python -m lifecycle.serve` on free ports until ready; yields (base URL, gRPC port, process)."""
-    port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "lifecycle.serve", f"port={port}", f"grpc.port={grpc_port}",
-           f"hydra.run.dir={run_dir}", f"paths.output_root={run_dir.parent}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "LIFECYCLE_API_KEYS": KEY},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not _ready(url):
-            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{proc.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the server was not ready in time"
-            time.sleep(0.3)
+def serving(run_dir: Path, *overrides: str):
+    """The stage on free REST and gRPC ports until ready; yields (base URL, gRPC port, process)."""
+    grpc_port = free_port()
+    with serve_process(free_port(), [f"grpc.port={grpc_port}", f"hydra.run.dir={run_dir}",
+                                     f"paths.output_root={run_dir.parent}", *overrides], KEY) as (url, proc):
         yield url, grpc_port, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def test_endpoint_evaluation_scores_equal_the_local_model(base_dir, data_dir, tmp_path, monkeypatch):
