@@ -99,6 +99,20 @@ def data_cfg(tmp_path: Path, *overrides: str, run: str = "r"):
     return make_cfg("data", tmp_path / "out" / "data" / run, [*TINY, *overrides])
 
 
+SYLLABLES = "ka lo mi ren tas vor pel dun sar ith mo bel cran dis fen gol hur jat kem lun".split()
+STOP = "the be to of and that have with".split()
+
+
+def prose(seed: int, n_words: int = 220) -> str:
+    """A distinct, filter-passing English-like paragraph per seed (no repeated n-grams)."""
+    rng = random.Random(seed)
+    words = []
+    for i in range(n_words):
+        words.append(rng.choice(STOP) if i % 4 == 0 else "".join(rng.choices(SYLLABLES, k=rng.randint(2, 3))))
+    sentences = [" ".join(words[i:i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
+    return " ".join(sentences)
+
+
 def edit(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
     """`rate` of the words substituted, deleted or inserted (a third each, at random places)."""
     words = text.split()

@@ -5,11 +5,12 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from lifecycle.data.document import Document, Drop, Skips
 FORMAT = 2  # bump when a unit's files change shape, so old cache entries are not read
 SAMPLES_PER_REASON = 3
 SAMPLE_CHARS = 400
+BUFFER_BYTES = 1 << 20  # digests and signatures buffered before they are appended to the unit's raw files
 
 
 @dataclass
@@ -50,26 +52,23 @@ class Worker:
         drops: dict[str, Counter] = defaultdict(Counter)
         samples: dict[str, list] = defaultdict(list)
         pii: Counter[str] = Counter()
-        kept, signatures, digests = [], [], []
-        for doc in self.sources[job.source].read(job.key, skips):
-            counts["docs_in"] += 1
-            counts["bytes_in"] += len(doc.text.encode())
-            result = self._apply(doc, counts)
-            if isinstance(result, tuple):
-                reason, dropped = result
-                drops[reason]["docs"] += 1
-                drops[reason]["bytes"] += len(dropped.text.encode())
-                if len(samples[reason]) < SAMPLES_PER_REASON:
-                    samples[reason].append({"id": dropped.id, "text": dropped.text[:SAMPLE_CHARS]})
-                continue
-            pii.update(result.metadata.get("pii", {}))
-            counts["docs_out"] += 1
-            counts["bytes_out"] += len(result.text.encode())
-            kept.append(result)
-            digests.append(np.frombuffer(exact_key(result.text), dtype=np.uint8))
-            if self.near is not None:
-                signatures.append(self.near.signature(result.text))
-        _write_unit(job.out, kept, signatures, digests)
+        with UnitWriter(job.out) as writer:
+            for doc in self.sources[job.source].read(job.key, skips):
+                counts["docs_in"] += 1
+                counts["bytes_in"] += len(doc.text.encode())
+                result = self._apply(doc, counts)
+                if isinstance(result, tuple):
+                    reason, dropped = result
+                    drops[reason]["docs"] += 1
+                    drops[reason]["bytes"] += len(dropped.text.encode())
+                    if len(samples[reason]) < SAMPLES_PER_REASON:
+                        samples[reason].append({"id": dropped.id, "text": dropped.text[:SAMPLE_CHARS]})
+                    continue
+                pii.update(result.metadata.get("pii", {}))
+                counts["docs_out"] += 1
+                counts["bytes_out"] += len(result.text.encode())
+                writer.add(result, np.frombuffer(exact_key(result.text), dtype=np.uint8),
+                           self.near.signature(result.text) if self.near is not None else None)
         stats = {"source": job.source, "key": job.key, **counts, "drops": {r: dict(c) for r, c in drops.items()},
                  "samples": samples, "skips": skips.to_dict(), "pii": dict(pii),
                  "seconds": round(time.perf_counter() - started, 3)}
@@ -92,27 +91,78 @@ class Worker:
         return doc
 
 
-def read_unit(out: Path) -> list[Document]:
-    """A finished unit's kept documents (its digest and signature arrays are read by dedup_disk)."""
+def read_unit(out: Path) -> Iterator[Document]:
+    """A finished unit's kept documents, streamed (its digest and signature arrays are read by dedup_disk)."""
     with gzip.open(out.with_suffix(".jsonl.gz"), "rt", encoding="utf-8") as f:
-        return [Document.from_dict(json.loads(line)) for line in f]
+        for line in f:
+            yield Document.from_dict(json.loads(line))
 
 
-def _write_unit(out: Path, docs: list[Document], signatures: list, digests: list) -> None:
-    """Documents and arrays first, each renamed into place; the stats JSON written after them marks the unit done."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.jsonl.gz")
-    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
-        for d in docs:
-            f.write(json.dumps(d.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, out.with_suffix(".jsonl.gz"))
-    arrays = {".exact.npy": np.stack(digests) if digests else np.zeros((0, 16), np.uint8)}
-    if signatures:
-        arrays[".sig.npy"] = np.stack(signatures)
-    for suffix, array in arrays.items():
-        tmp_arr = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
-        np.save(tmp_arr, array)
-        os.replace(tmp_arr, out.with_suffix(suffix))
+class UnitWriter:
+    """A unit's files, written as its documents come: the documents gzip-streamed, the digests and MinHash
+    signatures appended to raw files through a bounded buffer. Closed without an error, it renames the documents
+    into place, then writes .exact.npy and (if any signature came) .sig.npy; the stats JSON the worker writes after
+    them marks the unit done. Temporary files are removed either way."""
+
+    def __init__(self, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.docs = gzip.open(self.tmp(".jsonl.gz"), "wt", encoding="utf-8", compresslevel=1)
+        self.arrays = {".exact.npy": RawRows(self.tmp(".exact.raw"), 16, np.dtype(np.uint8)),
+                       ".sig.npy": RawRows(self.tmp(".sig.raw"))}
+
+    def tmp(self, suffix: str) -> Path:
+        return self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}{suffix}")
+
+    def add(self, doc: Document, digest: np.ndarray, signature: np.ndarray | None) -> None:
+        self.docs.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
+        self.arrays[".exact.npy"].add(digest)
+        if signature is not None:
+            self.arrays[".sig.npy"].add(signature)
+
+    def __enter__(self) -> UnitWriter:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.docs.close()
+        try:
+            if error_type is None:
+                os.replace(self.tmp(".jsonl.gz"), self.out.with_suffix(".jsonl.gz"))
+                for suffix, rows in self.arrays.items():
+                    if rows.width is not None:
+                        rows.save(self.tmp(".npy"))
+                        os.replace(self.tmp(".npy"), self.out.with_suffix(suffix))
+        finally:
+            for path in (self.tmp(".jsonl.gz"), self.tmp(".npy"),
+                         *(rows.close() for rows in self.arrays.values())):
+                path.unlink(missing_ok=True)
+
+
+class RawRows:
+    """Equal-length 1-D rows appended to a raw file through a BUFFER_BYTES buffer; `save` makes it an .npy."""
+
+    def __init__(self, path: Path, width: int | None = None, dtype: np.dtype | None = None) -> None:
+        self.path, self.width, self.dtype, self.rows = path, width, dtype, 0
+        self._file = open(path, "wb", buffering=BUFFER_BYTES)
+
+    def add(self, row: np.ndarray) -> None:
+        self.width, self.dtype = len(row), row.dtype  # the first row's, when not given
+        self._file.write(row.tobytes())
+        self.rows += 1
+
+    def save(self, path: Path) -> None:
+        """An .npy of shape (rows, width): the header, then the raw file copied BUFFER_BYTES at a time."""
+        self._file.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, self.width)}
+        with open(path, "wb") as out, open(self.path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, BUFFER_BYTES)
+
+    def close(self) -> Path:
+        """Close the raw file; its path (the caller removes it)."""
+        self._file.close()
+        return self.path
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -19,12 +19,11 @@ def select(units: list[Path], exact: bool, near, decontam, val_fraction: float, 
     writers = {s: ShardWriter(out_dir, s) for s in ("train", "val")}
     removed: Counter[str] = Counter()
     removed_bytes: Counter[str] = Counter()
-    first = 0  # global index of the unit's first document in flags
+    index = 0  # the document's global index in flags (units in order, documents in unit order)
     for out in progress(units, len(units), "dedup", _kept_size):
-        docs = read_unit(out)
-        unit_flags, first = flags[first:first + len(docs)], first + len(docs)
-        for doc, flag in zip(docs, unit_flags.tolist()):
-            reason = _duplicate_or_contaminated(doc, flag, decontam)
+        for doc in read_unit(out):  # streamed: one document in memory at a time
+            reason = _duplicate_or_contaminated(doc, int(flags[index]), decontam)
+            index += 1
             if reason:
                 removed[reason] += 1
                 removed_bytes[reason] += len(doc.text.encode())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 
 import numpy as np
 import pytest
@@ -12,20 +11,7 @@ from lifecycle.data.shards import open_split
 from lifecycle.data.stage import run
 from lifecycle.errors import DataError
 
-from conftest import cli, data_cfg
-
-SYLLABLES = "ka lo mi ren tas vor pel dun sar ith mo bel cran dis fen gol hur jat kem lun".split()
-STOP = "the be to of and that have with".split()
-
-
-def prose(seed: int, n_words: int = 220) -> str:
-    """A distinct, filter-passing English-like paragraph per seed (no repeated n-grams)."""
-    rng = random.Random(seed)
-    words = []
-    for i in range(n_words):
-        words.append(rng.choice(STOP) if i % 4 == 0 else "".join(rng.choices(SYLLABLES, k=rng.randint(2, 3))))
-    sentences = [" ".join(words[i:i + 12]).capitalize() + "." for i in range(0, n_words, 12)]
-    return " ".join(sentences)
+from conftest import cli, data_cfg, prose
 
 
 def corpus(tmp_path, n: int = 12, extra: dict | None = None):

@@ -12,7 +12,7 @@ from lifecycle.data import dedup_disk
 from lifecycle.data.dedup import ExactDuplicates, NearDuplicates, exact_key
 from lifecycle.data.dedup_disk import EXACT, NEAR, duplicate_flags
 from lifecycle.data.document import Document
-from lifecycle.data.process import _write_unit, read_unit
+from lifecycle.data.process import UnitWriter, read_unit
 
 from conftest import edit
 
@@ -57,11 +57,11 @@ def write_units(folder: Path, texts: list[str], per_unit: int, near: NearDuplica
     units = []
     for u, start in enumerate(range(0, len(texts), per_unit)):
         chunk = texts[start:start + per_unit]
-        docs = [Document(id=f"d{start + i}", text=t, source="s", kind="prose") for i, t in enumerate(chunk)]
-        digests = [np.frombuffer(exact_key(t), dtype=np.uint8) for t in chunk]
-        signatures = [near.signature(t) for t in chunk] if near is not None else []
         units.append(folder / f"unit{u:04d}")
-        _write_unit(units[-1], docs, signatures, digests)
+        with UnitWriter(units[-1]) as writer:
+            for i, t in enumerate(chunk):
+                writer.add(Document(id=f"d{start + i}", text=t, source="s", kind="prose"),
+                           np.frombuffer(exact_key(t), dtype=np.uint8), near.signature(t) if near else None)
     return units
 
 
