@@ -228,13 +228,35 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
 
 class CodeCollector:
     """Called on every kept document with its corpus split: collects instruction records from its Python
-    functions into the same split, so validation pairs come only from documents held out of pretraining."""
+    functions into the same split, so validation pairs come only from documents held out of pretraining.
 
-    def __init__(self, min_body_lines: int, max_chars: int):
+    Records stream to one hidden temporary file per split in `out_dir`; `finish` appends more records and renames
+    it into place, so memory does not grow with the corpus.
+    """
+
+    def __init__(self, min_body_lines: int, max_chars: int, out_dir: Path):
         self.min_body_lines, self.max_chars = min_body_lines, max_chars
-        self.records: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = {s: out_dir / f".code-{s}.jsonl.tmp-{os.getpid()}" for s in ("train", "val")}
+        self.counts = {s: 0 for s in self.paths}
+        self._files = {s: _open(p, "w", gz=False) for s, p in self.paths.items()}
 
     def __call__(self, doc, split: str) -> None:
         if doc.kind == "code" and doc.language == "python":
-            self.records[split].extend(from_python_source(doc.text, doc.id, self.min_body_lines, self.max_chars,
-                                                          source=doc.source))
+            for r in from_python_source(doc.text, doc.id, self.min_body_lines, self.max_chars, source=doc.source):
+                self._files[split].write(json.dumps(r, ensure_ascii=False) + "\n")
+                self.counts[split] += 1
+
+    def finish(self, split: str, path: Path, more: Iterable[dict[str, Any]]) -> int:
+        """Write the split's collected records followed by `more` to `path` (renamed into place); how many."""
+        f = self._files[split]
+        try:
+            for r in more:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                self.counts[split] += 1
+            f.close()
+            os.replace(self.paths[split], path)
+        finally:
+            f.close()
+            self.paths[split].unlink(missing_ok=True)
+        return self.counts[split]

@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
         raise DataError(f"{len(missing)} of {len(jobs)} units are not processed yet (first: {missing[0]}); run the "
                         "other partitions (partition.index) first, or run without partition.* to process them here")
     decontam = Decontaminator(cfg.decontam.references, cfg.decontam.ngram)
-    collector = instruct.CodeCollector(cfg.instruct.min_body_lines, cfg.instruct.max_chars) \
+    collector = instruct.CodeCollector(cfg.instruct.min_body_lines, cfg.instruct.max_chars, run_dir / "instruct") \
         if cfg.instruct.from_code else None
     with report.phase("dedup"):
         selected = select([j.out for j in jobs], cfg.exact_dedup, near, decontam if decontam.active else None,
@@ -130,10 +130,10 @@ def _tokenizer(cfg: DictConfig, docs):
 def _instruct(cfg: DictConfig, collector, out_dir: Path, skips: Skips, steps: list) -> dict:
     """instruct/{train,val}.jsonl: pairs from the corpus's code follow their document's split (validation pairs
     come from held-out documents); pairs from the listed instruction files are split by a hash of their id."""
-    records = collector.records if collector is not None else {"train": [], "val": []}
     user = [r for path in cfg.instruct.files for r in instruct.read_jsonl(Path(path).expanduser(), skips)]
     if cfg.instruct.scrub:  # e.g. logged traffic for retraining: the corpus's cleaning and PII rules apply too
         user = instruct.scrub(user, steps, skips)
-    train, val = instruct.split(user, cfg.instruct.val_fraction)
-    return {"train": instruct.write_jsonl(out_dir / "train.jsonl", records["train"] + train),
-            "val": instruct.write_jsonl(out_dir / "val.jsonl", records["val"] + val)}
+    pairs = dict(zip(("train", "val"), instruct.split(user, cfg.instruct.val_fraction)))
+    if collector is None:
+        return {s: instruct.write_jsonl(out_dir / f"{s}.jsonl", pairs[s]) for s in pairs}
+    return {s: collector.finish(s, out_dir / f"{s}.jsonl", pairs[s]) for s in pairs}  # the corpus's pairs first

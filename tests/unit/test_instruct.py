@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.data.document import Skips
-from lifecycle.data.instruct import (CODE_INSTRUCTION, from_python_source, normalize, read_jsonl, split,
-                                     write_jsonl)
+from lifecycle.data.document import Document, Skips
+from lifecycle.data.instruct import (CODE_INSTRUCTION, CodeCollector, from_python_source, normalize, read_jsonl,
+                                     split, write_jsonl)
 
 Q, A = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}
 SYS = {"role": "system", "content": "Be brief."}
@@ -189,3 +189,18 @@ def test_from_python_source_on_the_stdlib(name, at_least):
         assert normalize(r) == r and r["source"] == "python_functions"
         assert len(r["messages"][0]["content"]) + len(r["messages"][1]["content"]) <= 4000
         ast.parse(r["messages"][0]["content"].removeprefix(CODE_INSTRUCTION) + r["messages"][1]["content"])
+
+
+def test_code_collector_streams_records_to_disk_and_appends_the_files_pairs(tmp_path):
+    collector = CodeCollector(min_body_lines=2, max_chars=1000, out_dir=tmp_path / "instruct")
+    for i in range(3):
+        collector(Document(f"m{i}.py", MODULE, "stdlib", "code", "python"), "val" if i == 1 else "train")
+    collector(Document("notes.txt", MODULE, "files", "prose"), "train")  # not code: nothing collected
+    assert vars(collector).keys() >= {"paths", "counts"} and "records" not in vars(collector)  # no list in memory
+    assert collector.counts == {"train": 6, "val": 3}
+    more = [normalize({"prompt": "q", "response": "a", "id": "u1", "source": "user"})]
+    assert collector.finish("train", tmp_path / "instruct" / "train.jsonl", more) == 7
+    assert collector.finish("val", tmp_path / "instruct" / "val.jsonl", []) == 3
+    train = list(read_jsonl(tmp_path / "instruct" / "train.jsonl", Skips()))
+    assert [r["id"] for r in train] == [f"m{i}.py::{f}" for i in (0, 2) for f in ("double", "outer", "Box.area")] + ["u1"]
+    assert sorted(p.name for p in (tmp_path / "instruct").iterdir()) == ["train.jsonl", "val.jsonl"]  # no temp files
