@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import warnings
 import zlib
@@ -36,6 +37,10 @@ WEB_SUFFIXES = {".html", ".htm"}
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK = 1 << 16                  # bytes read (or compressed bytes fed) at a time
 METADATA_MAX_CHARS = 1024        # longer string fields stay out of metadata: it travels with every document
+# A unit that is part of a file: "<path>:bytes=START-END:line=FIRST" (a plain .jsonl's line-aligned byte range) or
+# "<path>:row_groups=START-END:row=FIRST" (a Parquet file's row groups); END is exclusive, FIRST the range's first
+# line (1-based) or row (0-based) number in the whole file, so ids and skip locations stay those of the whole file.
+SPAN = re.compile(r"(?P<path>.+):(?P<what>bytes|row_groups)=(?P<start>\d+)-(?P<end>\d+):(?:line|row)=(?P<first>\d+)")
 
 
 class Stdlib:
@@ -99,20 +104,29 @@ class Files:
 
 
 class JsonLines:
-    """Records in .jsonl, .jsonl.gz, .jsonl.zst or .parquet files; one document per record."""
+    """Records in .jsonl, .jsonl.gz, .jsonl.zst or .parquet files; one document per record.
 
-    def __init__(self, name: str, path: str, text_field: str, kind: str, id_field: str | None) -> None:
+    A plain .jsonl file larger than `unit_mb` is split into line-aligned byte ranges and a Parquet file into groups
+    of row groups of about that size, one unit each, so workers share one big file; compressed JSONL cannot be
+    split and stays one unit (streamed, so memory stays bounded either way).
+    """
+
+    def __init__(self, name: str, path: str, text_field: str, kind: str, id_field: str | None,
+                 unit_mb: float = 64) -> None:
         self.name, self.path, self.text_field, self.kind, self.id_field = name, str(path), text_field, kind, id_field
+        self.unit_mb = unit_mb
 
     def units(self) -> list[tuple[str, str]]:
-        return [(str(p), file_sha256(p)) for p in find_files(self.name, self.path, list(ROW_SUFFIXES))]
+        unit_bytes = max(1, int(self.unit_mb * 2**20))
+        return [u for p in find_files(self.name, self.path, list(ROW_SUFFIXES)) for u in file_units(p, unit_bytes)]
 
     def read(self, key: str, skips: Skips) -> Iterator[Document]:
-        rel = relative(key, glob_root(self.path))
-        rows = parquet_rows(key, [self.text_field, self.id_field], skips) if key.endswith(".parquet") \
-            else json_rows(key, skips)
+        path, start, end, first = unit_span(key)
+        rel = relative(path, glob_root(self.path))
+        rows = parquet_rows(path, [self.text_field, self.id_field], skips, start, end, first or 0) \
+            if path.endswith(".parquet") else json_rows(path, skips, start, end, first or 1)
         for number, record in rows:
-            where = f"{key}:{number}"
+            where = f"{path}:{number}"
             text = record_text(record, self.text_field, where, skips)
             if text is None:
                 continue
@@ -234,6 +248,81 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_units(path: Path, unit_bytes: int) -> list[tuple[str, str]]:
+    """(key, fingerprint) of a file's units: the file, or (a plain .jsonl or .parquet file over unit_bytes) its
+    spans (see SPAN), each fingerprinted by the file's sha256 and the span."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".parquet")) and path.stat().st_size > unit_bytes:
+        sha, spans = sha256_and_line_spans(path, unit_bytes) if name.endswith(".jsonl") \
+            else (file_sha256(path), row_group_spans(path, unit_bytes))
+    else:
+        sha, spans = file_sha256(path), []
+    if len(spans) <= 1:
+        return [(str(path), sha)]
+    return [(f"{path}:{span}", hashlib.sha256(f"{sha}:{span}".encode()).hexdigest()) for span in spans]
+
+
+def sha256_and_line_spans(path: Path, unit_bytes: int) -> tuple[str, list[str]]:
+    """The file's sha256 and its line-aligned byte ranges of at least unit_bytes, found in the pass that hashes it."""
+    h, starts = hashlib.sha256(), [(0, 1)]  # (byte, line number) where each range starts
+    pos, newlines = 0, 0                    # the chunk's offset in the file; newlines before it
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            counted, before = 0, newlines
+            # the first newline at or after start + unit_bytes - 1 ends the range: the next line starts one later
+            while (cut := starts[-1][0] + unit_bytes - 1 - pos) < len(chunk):
+                nl = chunk.find(b"\n", max(cut, 0))
+                if nl < 0:
+                    break
+                before += chunk.count(b"\n", counted, nl + 1)
+                counted = nl + 1
+                starts.append((pos + nl + 1, before + 1))
+            newlines += chunk.count(b"\n")
+            pos += len(chunk)
+    if len(starts) > 1 and starts[-1][0] == pos:  # the file's last newline ended a range: nothing after it
+        starts.pop()
+    ends = [s for s, _ in starts[1:]] + [pos]
+    return h.hexdigest(), [f"bytes={s}-{e}:line={n}" for (s, n), e in zip(starts, ends)]
+
+
+def row_group_spans(path: Path, unit_bytes: int) -> list[str]:
+    """A Parquet file's row groups gathered into runs of at least unit_bytes (compressed); [] if unreadable."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pyarrow.ArrowException, OSError):
+        return []  # read() counts it
+    spans, start, first, row, size = [], 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        size += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        row += group.num_rows
+        if size >= unit_bytes or g == meta.num_row_groups - 1:
+            spans.append(f"row_groups={start}-{g + 1}:row={first}")
+            start, first, size = g + 1, row, 0
+    return spans
+
+
+def unit_span(key: str) -> tuple[str, int, int | None, int | None]:
+    """(path, start, end, first line or row) of a span key (SPAN); (key, 0, None, None) for a whole file."""
+    span = SPAN.fullmatch(key)
+    if span is None:
+        return key, 0, None, None
+    return span["path"], int(span["start"]), int(span["end"]), int(span["first"])
+
+
+def unit_bytes(key: str) -> int:
+    """The input bytes a unit covers (for max_bytes): its byte range, its row groups (compressed), its file, or 0."""
+    path, start, end, _ = unit_span(key)
+    if end is None:
+        return Path(key).stat().st_size if Path(key).is_file() else 0
+    if not path.endswith(".parquet"):
+        return end - start
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(g).column(c).total_compressed_size for g in range(start, end)
+               for c in range(meta.num_columns))
+
+
 def decode(data: bytes, key: str | None = None, skips: Skips | None = None) -> tuple[str, bool]:
     """(text, whether bytes were replaced): invalid UTF-8 becomes U+FFFD, counted once per file if skips given."""
     try:
@@ -284,16 +373,21 @@ def pdf_text(key: str, skips: Skips) -> tuple[str | None, dict[str, Any]]:
     return "\n\n".join(texts), {"pages": len(pages)}
 
 
-def decompressed_chunks(key: str) -> Iterator[bytes]:
-    """The bytes of a .jsonl/.jsonl.gz/.jsonl.zst file; EOFError where a compressed stream is cut short."""
-    with open(key, "rb") as fh:
-        if key.endswith(".gz"):
+def decompressed_chunks(path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The bytes of a .jsonl/.jsonl.gz/.jsonl.zst file (of a plain file: bytes [start, end)); EOFError where a
+    compressed stream is cut short."""
+    with open(path, "rb") as fh:
+        if path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=fh)
             yield from iter(lambda: stream.read1(CHUNK), b"")  # read() would drop what it decoded before a cut
-        elif key.endswith(".zst"):
+        elif path.endswith(".zst"):
             yield from zstd_chunks(fh)
-        else:
+        elif end is None:
             yield from iter(lambda: fh.read(CHUNK), b"")
+        else:
+            fh.seek(start)
+            while (left := end - fh.tell()) > 0 and (chunk := fh.read(min(CHUNK, left))):
+                yield chunk
 
 
 def zstd_chunks(fh) -> Iterator[bytes]:
@@ -310,11 +404,12 @@ def zstd_chunks(fh) -> Iterator[bytes]:
         raise EOFError("zstd stream ends inside a frame")
 
 
-def lines(key: str, skips: Skips) -> Iterator[bytes]:
-    """The raw lines of a file; a cut or corrupt stream is counted at its (decompressed) byte offset and ends it."""
-    head, offset = [b""], 0  # head: the pieces of the line not yet ended by a newline
+def lines(path: str, skips: Skips, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The raw lines of a file (or of its bytes [start, end), which start at a line start); a cut or corrupt stream
+    is counted at its (decompressed) byte offset in the file and ends it."""
+    head, offset = [b""], start  # head: the pieces of the line not yet ended by a newline
     try:
-        for chunk in decompressed_chunks(key):
+        for chunk in decompressed_chunks(path, start, end):
             first, *rest = chunk.split(b"\n")
             head.append(first)
             if rest:
@@ -323,19 +418,21 @@ def lines(key: str, skips: Skips) -> Iterator[bytes]:
                     yield line
                 head = [rest[-1]]
     except EOFError:
-        skips.add("truncated_file", f"{key}:byte {offset + sum(map(len, head))}")
+        skips.add("truncated_file", f"{path}:byte {offset + sum(map(len, head))}")
         return
     except (OSError, zlib.error, zstandard.ZstdError):
-        skips.add("corrupt_file", f"{key}:byte {offset + sum(map(len, head))}")
+        skips.add("corrupt_file", f"{path}:byte {offset + sum(map(len, head))}")
         return
     if any(head):
         yield b"".join(head)
 
 
-def json_rows(key: str, skips: Skips) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) per valid line; bad lines are counted and skipped."""
-    for number, line in enumerate(lines(key, skips), start=1):
-        value = parse_line(line, f"{key}:{number}", skips)
+def json_rows(path: str, skips: Skips, start: int = 0, end: int | None = None,
+              first: int = 1) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per valid line of the file or of its bytes [start, end) whose first line is `first`;
+    bad lines are counted and skipped."""
+    for number, line in enumerate(lines(path, skips, start, end), start=first):
+        value = parse_line(line, f"{path}:{number}", skips)
         if value is not None:
             yield number, value
 
@@ -359,18 +456,21 @@ def parse_line(line: bytes, where: str, skips: Skips) -> Any:
     return value
 
 
-def parquet_rows(key: str, columns: list[str | None], skips: Skips) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row index, record) per row, reading only the named columns present in the file."""
+def parquet_rows(path: str, columns: list[str | None], skips: Skips, start: int = 0, end: int | None = None,
+                 first: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row index, record) per row of the file or of its row groups [start, end) whose first row is `first`,
+    reading only the named columns present in the file."""
     try:
-        parquet = pq.ParquetFile(key)
+        parquet = pq.ParquetFile(path)
         wanted = [c for c in columns if c is not None and c in parquet.schema_arrow.names]
-        number = 0
-        for batch in parquet.iter_batches(columns=wanted):
+        groups = range(start, parquet.num_row_groups if end is None else end)
+        number = first
+        for batch in parquet.iter_batches(columns=wanted, row_groups=groups):
             for record in batch.to_pylist():
                 yield number, record
                 number += 1
     except (pyarrow.ArrowException, OSError):
-        skips.add("parquet_unreadable", key)
+        skips.add("parquet_unreadable", path)
 
 
 def record_text(record: dict[str, Any], field: str, where: str, skips: Skips) -> str | None:

@@ -19,6 +19,7 @@ from lifecycle.data.progress import doc_size, progress, unit_size
 from lifecycle.data.report import Report
 from lifecycle.data.select import select
 from lifecycle.data.shards import token_dtype, write_split
+from lifecycle.data.sources import unit_bytes
 from lifecycle.data.tokenizer import load_pretrained, train_bpe
 from lifecycle.errors import DataError
 
@@ -102,7 +103,7 @@ def _plan(sources: dict, cfg: DictConfig, settings: str, report: Report) -> list
     jobs, listed = [], 0
     for name, source in sources.items():
         for key, fingerprint in source.units():
-            size = Path(key).stat().st_size if Path(key).is_file() else 0
+            size = unit_bytes(key)
             if cfg.max_bytes is not None and listed >= cfg.max_bytes:
                 break
             listed += size
