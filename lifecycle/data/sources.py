@@ -117,8 +117,8 @@ class JsonLines:
         self.unit_mb = unit_mb
 
     def units(self) -> list[tuple[str, str]]:
-        unit_bytes = max(1, int(self.unit_mb * 2**20))
-        return [u for p in find_files(self.name, self.path, list(ROW_SUFFIXES)) for u in file_units(p, unit_bytes)]
+        span_bytes = max(1, int(self.unit_mb * 2**20))
+        return [u for p in find_files(self.name, self.path, list(ROW_SUFFIXES)) for u in file_units(p, span_bytes)]
 
     def read(self, key: str, skips: Skips) -> Iterator[Document]:
         path, start, end, first = unit_span(key)
@@ -248,13 +248,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_units(path: Path, unit_bytes: int) -> list[tuple[str, str]]:
-    """(key, fingerprint) of a file's units: the file, or (a plain .jsonl or .parquet file over unit_bytes) its
+def file_units(path: Path, span_bytes: int) -> list[tuple[str, str]]:
+    """(key, fingerprint) of a file's units: the file, or (a plain .jsonl or .parquet file over span_bytes) its
     spans (see SPAN), each fingerprinted by the file's sha256 and the span."""
     name = path.name.lower()
-    if name.endswith((".jsonl", ".parquet")) and path.stat().st_size > unit_bytes:
-        sha, spans = sha256_and_line_spans(path, unit_bytes) if name.endswith(".jsonl") \
-            else (file_sha256(path), row_group_spans(path, unit_bytes))
+    if name.endswith((".jsonl", ".parquet")) and path.stat().st_size > span_bytes:
+        sha, spans = sha256_and_line_spans(path, span_bytes) if name.endswith(".jsonl") \
+            else (file_sha256(path), row_group_spans(path, span_bytes))
     else:
         sha, spans = file_sha256(path), []
     if len(spans) <= 1:
@@ -262,16 +262,16 @@ def file_units(path: Path, unit_bytes: int) -> list[tuple[str, str]]:
     return [(f"{path}:{span}", hashlib.sha256(f"{sha}:{span}".encode()).hexdigest()) for span in spans]
 
 
-def sha256_and_line_spans(path: Path, unit_bytes: int) -> tuple[str, list[str]]:
-    """The file's sha256 and its line-aligned byte ranges of at least unit_bytes, found in the pass that hashes it."""
+def sha256_and_line_spans(path: Path, span_bytes: int) -> tuple[str, list[str]]:
+    """The file's sha256 and its line-aligned byte ranges of at least span_bytes, found in the pass that hashes it."""
     h, starts = hashlib.sha256(), [(0, 1)]  # (byte, line number) where each range starts
     pos, newlines = 0, 0                    # the chunk's offset in the file; newlines before it
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
             counted, before = 0, newlines
-            # the first newline at or after start + unit_bytes - 1 ends the range: the next line starts one later
-            while (cut := starts[-1][0] + unit_bytes - 1 - pos) < len(chunk):
+            # the first newline at or after start + span_bytes - 1 ends the range: the next line starts one later
+            while (cut := starts[-1][0] + span_bytes - 1 - pos) < len(chunk):
                 nl = chunk.find(b"\n", max(cut, 0))
                 if nl < 0:
                     break
@@ -286,8 +286,8 @@ def sha256_and_line_spans(path: Path, unit_bytes: int) -> tuple[str, list[str]]:
     return h.hexdigest(), [f"bytes={s}-{e}:line={n}" for (s, n), e in zip(starts, ends)]
 
 
-def row_group_spans(path: Path, unit_bytes: int) -> list[str]:
-    """A Parquet file's row groups gathered into runs of at least unit_bytes (compressed); [] if unreadable."""
+def row_group_spans(path: Path, span_bytes: int) -> list[str]:
+    """A Parquet file's row groups gathered into runs of at least span_bytes (compressed); [] if unreadable."""
     try:
         meta = pq.ParquetFile(path).metadata
     except (pyarrow.ArrowException, OSError):
@@ -297,7 +297,7 @@ def row_group_spans(path: Path, unit_bytes: int) -> list[str]:
         group = meta.row_group(g)
         size += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
         row += group.num_rows
-        if size >= unit_bytes or g == meta.num_row_groups - 1:
+        if size >= span_bytes or g == meta.num_row_groups - 1:
             spans.append(f"row_groups={start}-{g + 1}:row={first}")
             start, first, size = g + 1, row, 0
     return spans
