@@ -3,19 +3,19 @@
 `duplicate_flags` decides, before any document is written, which documents of the processed units the in-memory
 `ExactDuplicates` / `NearDuplicates.seen` pass would drop, without an index that grows with the corpus:
 
-1. one pass over the units, one unit's `.exact.npy` / `.sig.npy` at a time: records (digest, doc) and, per LSH band,
-   (band hash, doc) are appended to bucket files chosen by the key's top bits; signatures go to one on-disk array;
+1. one pass over the units' `.exact.npy` / `.sig.npy`, UNIT_ROWS rows at a time: records (digest, doc) and, per LSH
+   band, (band hash, doc) are appended to bucket files chosen by the key's top bits; signatures go to one on-disk array;
 2. per exact bucket: sort, and every document after the first of a run of equal 16-byte digests is an exact duplicate;
 3. per band bucket (exact duplicates left out): sort, pair each run's first document with the others, keep the pairs
    that match (estimated Jaccard >= threshold and one band equal, as `seen` checks), union them (union-find on disk);
 4. per component (bucketed by root): the first document is kept and each later one is dropped if it matches a kept
    one, in document order; so, as in `seen`, a document close only to a dropped one is kept, not chained away.
 
-Held in memory, whatever the corpus size: one unit's arrays, FLUSH_ROWS buffered records, one bucket file (about
-RECORDS_PER_BUCKET records of 16-24 B, sorted), PAIRS signature pairs and CHUNK-row blocks. Per document, on disk
-under work_dir: its signature (num_perm x 8 B, read row by row), a union-find parent (8 B) and its flag (1 B); those
-two are memory-mapped, so touched pages count in RSS, but as file pages the kernel can write back and drop (outside
-RLIMIT_DATA). A single component (a near-duplicate cluster) is held whole in one bucket.
+Held in memory, whatever the corpus or unit size: UNIT_ROWS rows of a unit's arrays, FLUSH_ROWS buffered records,
+one bucket file (about RECORDS_PER_BUCKET records of 16-24 B, sorted), PAIRS signature pairs and CHUNK-row blocks.
+Per document, on disk under work_dir: its signature (num_perm x 8 B, read row by row), a union-find parent (8 B) and
+its flag (1 B); those two are memory-mapped, so touched pages count in RSS, but as file pages the kernel can write
+back and drop (outside RLIMIT_DATA). A single component (a near-duplicate cluster) is held whole in one bucket.
 It can differ from `seen` only where two matching documents end up in different components: every band they share
 has a first document that fails to match one of them, and nothing else links them (rare at 16 x 8 bands); then the
 later one is kept (and documents whose fate depended on it may change). Pure union-find (datatrove) would also drop
@@ -39,6 +39,7 @@ RECORDS_PER_BUCKET = 1 << 19  # buckets=None: ~0.5M band records (8 MB) per buck
 FLUSH_ROWS = 1 << 16          # records buffered across units before they are appended to the bucket files
 CHUNK = 1 << 16               # rows per block when scanning the per-document arrays
 PAIRS = 1 << 11               # signature pairs compared at once: 2 x 2048 x 1 KB
+UNIT_ROWS = 1 << 12           # rows of a unit's arrays read at once (memory-mapped): 4 MB of signatures at num_perm 128
 
 
 def duplicate_flags(units: list[Path], work_dir: Path, *, exact: bool, near: NearDuplicates | None,
@@ -151,24 +152,28 @@ def _memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
 
 def _scatter(units: list[Path], sizes: list[int], digests: BucketFiles | None, bands: BucketFiles | None,
              sig: SignatureFile | None, near: NearDuplicates | None) -> None:
-    """Step 1: one unit at a time, digests and band hashes to their buckets and signatures to the global array."""
+    """Step 1: unit by unit, UNIT_ROWS rows at a time (memory-mapped, so a unit of any size fits), digests and band
+    hashes to their buckets and signatures to the global array."""
     offset = 0
     for unit, n in zip(units, sizes):
-        idx = np.arange(offset, offset + n, dtype=np.uint64)
-        if digests is not None and n:
-            pair = np.ascontiguousarray(np.load(unit.with_suffix(".exact.npy"))).view("<u8")  # (n, 2): 16 bytes
-            digests.add(pair[:, 0], np.column_stack([pair, idx]))
+        exact = np.load(unit.with_suffix(".exact.npy"), mmap_mode="r") if digests is not None and n else None
         sig_path = unit.with_suffix(".sig.npy")
-        if bands is not None and n and not sig_path.is_file():
-            sig.append(np.zeros((n, near.num_perm), dtype=np.uint64))  # keeps rows aligned; never a candidate
-        elif bands is not None and n:
-            signatures = np.load(sig_path)  # (n, num_perm)
-            if signatures.shape != (n, near.num_perm):
-                raise DataError(f"{sig_path} holds MinHash signatures of shape {signatures.shape}, expected "
-                                f"{(n, near.num_perm)}: the unit was processed with other dedup settings; delete it")
-            sig.append(signatures)
-            hashes = _band_hashes(signatures, near).ravel()  # (n * bands,), document-major
-            bands.add(hashes, np.column_stack([hashes, np.repeat(idx, near.bands)]))
+        signatures = np.load(sig_path, mmap_mode="r") if bands is not None and n and sig_path.is_file() else None
+        if signatures is not None and signatures.shape != (n, near.num_perm):
+            raise DataError(f"{sig_path} holds MinHash signatures of shape {signatures.shape}, expected "
+                            f"{(n, near.num_perm)}: the unit was processed with other dedup settings; delete it")
+        for start in range(0, n, UNIT_ROWS):
+            idx = np.arange(offset + start, offset + min(start + UNIT_ROWS, n), dtype=np.uint64)
+            if exact is not None:
+                pair = np.ascontiguousarray(exact[start:start + UNIT_ROWS]).view("<u8")  # (rows, 2): 16 bytes
+                digests.add(pair[:, 0], np.column_stack([pair, idx]))
+            if bands is not None and signatures is None:
+                sig.append(np.zeros((len(idx), near.num_perm), dtype=np.uint64))  # rows stay aligned; never a candidate
+            elif bands is not None:
+                block = np.asarray(signatures[start:start + UNIT_ROWS])  # (rows, num_perm)
+                sig.append(block)
+                hashes = _band_hashes(block, near).ravel()  # (rows * bands,), document-major
+                bands.add(hashes, np.column_stack([hashes, np.repeat(idx, near.bands)]))
         offset += n
 
 
