@@ -39,9 +39,9 @@ def test_one_file_in_ranges_gives_the_unsplit_corpus_and_is_cached(tmp_path):
     path.write_text("\n".join(lines) + "\n")
 
     def stage(unit_mb: float, name: str) -> tuple[dict, dict]:
-        metrics = run(data_cfg(tmp_path, "source=[jsonl]", f"sources.jsonl.path={path}", f"sources.jsonl.unit_mb={unit_mb}",
-                               "workers=2", "val_fraction=0.25", f"cache_dir={tmp_path / 'cache'}",
-                               "tokenizer.vocab_size=300", run=name))
+        metrics = run(data_cfg(tmp_path, "source=[jsonl]", f"sources.jsonl.path={path}",
+                               f"sources.jsonl.unit_mb={unit_mb}", "workers=2", "val_fraction=0.25",
+                               f"cache_dir={tmp_path / 'cache'}", "tokenizer.vocab_size=300", run=name))
         return metrics, json.loads((tmp_path / "out" / "data" / name / "report.json").read_text())
 
     whole, whole_report = stage(64, "whole")

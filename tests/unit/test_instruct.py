@@ -202,5 +202,6 @@ def test_code_collector_streams_records_to_disk_and_appends_the_files_pairs(tmp_
     assert collector.finish("train", tmp_path / "instruct" / "train.jsonl", more) == 7
     assert collector.finish("val", tmp_path / "instruct" / "val.jsonl", []) == 3
     train = list(read_jsonl(tmp_path / "instruct" / "train.jsonl", Skips()))
-    assert [r["id"] for r in train] == [f"m{i}.py::{f}" for i in (0, 2) for f in ("double", "outer", "Box.area")] + ["u1"]
+    functions = ("double", "outer", "Box.area")
+    assert [r["id"] for r in train] == [f"m{i}.py::{f}" for i in (0, 2) for f in functions] + ["u1"]
     assert sorted(p.name for p in (tmp_path / "instruct").iterdir()) == ["train.jsonl", "val.jsonl"]  # no temp files
