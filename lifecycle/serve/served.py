@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """A base model, its tokenizer and the adapters loaded onto it; one adapter (or none) active per forward."""
 
-    def __init__(self, model, tokenizer, base_name: str):
+    def __init__(self, model, tokenizer, base_name: str, fast_decode: bool = True):
         self.lm, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.wrapper = None           # what load_adapter returned: a PeftModel or our BottleneckModel
         self.tuner = None             # its tuner (LoraModel, IA3Model, BottleneckModel): switches adapter layers
@@ -30,6 +30,9 @@ class ServedModel:
         self.eos = _eos_ids(model, tokenizer)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.fast = _fast_decoder(model) if fast_decode else None  # the base's decode steps; adapters use HF's
+        if not fast_decode:
+            log.info("decode: the HF forward (fast_decode is off)")
 
     @property
     def vocab_size(self) -> int:
@@ -52,11 +55,21 @@ class ServedModel:
         """Logits (rows, V) for each row's next token after feeding `tokens` (one per row)."""
         self.select(name)
         positions, mask = batch.step_inputs(self.dtype)
-        input_ids = torch.tensor(tokens, device=self.device)[:, None]  # (rows, 1)
-        out = self.lm(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=batch,
-                      use_cache=True)
+        input_ids = torch.tensor(tokens, device=self.device)  # (rows,)
+        fast = self._fast() if self.active is None else None
+        if fast is not None:
+            logits = fast(input_ids, positions[:, 0], mask, batch)
+        else:
+            logits = self.lm(input_ids=input_ids[:, None], position_ids=positions, attention_mask=mask, cache=batch,
+                             use_cache=True).logits[:, -1]
         batch.advance()
-        return out.logits[:, -1]
+        return logits
+
+    def _fast(self):
+        """The fast decode step (None: the HF forward), fused again if a weight was replaced since (a dtype change)."""
+        if self.fast is not None and self.fast.stale():
+            self.fast = _fast_decoder(self.lm)
+        return self.fast
 
     def select(self, name: str) -> None:
         """Turn on `name`'s adapter layers (or none for the base); a no-op when already so."""
@@ -106,6 +119,19 @@ class ServedModel:
             self.select(self.base_name)
         else:
             self.lm, self.wrapper, self.tuner, self.active = self.tuner.unload(), None, None, None
+
+
+def _fast_decoder(model):
+    """The fast decode step where the model's family allows it (logged either way), else None."""
+    from lifecycle.serve import fastpath
+
+    reason = fastpath.unsupported(model)
+    if reason:
+        log.info("decode: the HF forward (no fast path for %s)", reason)
+        return None
+    log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
+             model.config.num_hidden_layers)
+    return fastpath.FastDecoder(model)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

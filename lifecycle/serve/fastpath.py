@@ -1,0 +1,172 @@
+"""A hand-written decode step for Llama-layout models (llama, mistral, qwen2, qwen3): the HF forward's arithmetic
+without its per-call overhead (module calls, mask and rotary modules, cache plumbing), for every row of a `Batch`.
+
+On the tiny default model a decode step is mostly Python and op overhead, so fewer, larger ops are the speed-up: q/k/v
+and gate/up run as one matmul each, rope is computed once per step for all layers and rotates q and k together, and
+grouped-query attention runs on the kv heads as HF's sdpa does for one query token. Keys and values go to the batch's
+own storage at column `t`, so a prefill by the HF forward, a decode step here and `batch.merge` interoperate.
+
+Memory: the fused q/k/v and gate/up matrices are made once by concatenating the modules' weights; each module's weight
+is then re-pointed at its rows of the fused matrix, so no weight is held twice and the HF forward (prefill, adapters)
+reads the same numbers. A later `param.data = ...` (e.g. `model.to(dtype)`) would leave the fused copy stale:
+`stale()` sees that and the caller rebuilds.
+
+int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
+fusion: each packs its own weights), the rest of the step is the same. Biases (qwen2's q/k/v, llama's attention_bias
+and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def build(model) -> FastDecoder | None:
+    """The fast decode step for `model`, or None where `unsupported(model)` gives a reason."""
+    return None if unsupported(model) else FastDecoder(model)
+
+
+def unsupported(model) -> str | None:
+    """Why the fast path cannot run `model` exactly as its HF forward does; None when it can."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} (the fast path knows {', '.join(FAMILIES)})"
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return "a compiled variant: its compiled HF forward is kept"
+    if config.hidden_act != "silu":
+        return f"activation {config.hidden_act!r} (the fast path computes silu)"
+    rotary = model.model.rotary_emb
+    if rotary.rope_type != "default" or rotary.attention_scaling != 1.0:
+        return f"rope type {rotary.rope_type!r} (only unscaled rope)"
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embedding"
+    window = getattr(config, "sliding_window", None)
+    sliding = kind == "mistral" or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if sliding and window is not None and window < config.max_position_embeddings:
+        return f"sliding-window attention ({window} < {config.max_position_embeddings} positions)"
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if not _linears_of_one_kind([a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]):
+            return f"layer projections of type {type(a.q_proj).__name__} (only nn.Linear or torch.ao int8 Linear)"
+        for fused in ([a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]):
+            if len({getattr(linear, "bias", None) is None for linear in fused}) > 1:
+                return "a bias on some but not all of q/k/v (or gate/up)"
+    if not _linears_of_one_kind([model.lm_head]):
+        return f"an lm_head of type {type(model.lm_head).__name__}"
+    return None
+
+
+class FastDecoder:
+    """One decode step for all rows of a batch; built once per loaded model."""
+
+    def __init__(self, model):
+        config, first = model.config, model.model.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
+            first.head_dim
+        self.scale = first.scaling
+        self.embed = model.model.embed_tokens.weight
+        self.inv_freq = model.model.rotary_emb.inv_freq  # (head_dim / 2,) float32
+        self.dtype = self.embed.dtype
+        self.eps = config.rms_norm_eps
+        self.final_norm = model.model.norm.weight
+        self.head = _single(model.lm_head)
+        self.fused: list[tuple[nn.Parameter, torch.Tensor]] = []  # (module weight, the view it must still be)
+        self.layers = [self._layer(layer, config.intermediate_size) for layer in model.model.layers]
+
+    def _layer(self, layer, intermediate: int) -> dict:
+        a, m = layer.self_attn, layer.mlp
+        q_norm = getattr(a, "q_norm", None)
+        return {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight,
+                "qkv": self._fuse([a.q_proj, a.k_proj, a.v_proj]), "o": _single(a.o_proj),
+                "gate_up": self._fuse([m.gate_proj, m.up_proj]), "down": _single(m.down_proj), "split": intermediate,
+                "q_norm": None if q_norm is None else q_norm.weight,
+                "k_norm": None if q_norm is None else a.k_norm.weight}
+
+    def _fuse(self, linears: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One call computing all of `linears` on the same input, their outputs side by side on the last dim."""
+        if type(linears[0]) is not nn.Linear:  # int8: each module packs its own weights
+            return lambda x: torch.cat([linear(x) for linear in linears], -1)
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+        biases = [linear.bias for linear in linears]
+        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        start = 0
+        for linear in linears:  # each module now reads its rows of the fused matrix: one copy in memory
+            rows = slice(start, start + linear.out_features)
+            linear.weight.data = weight[rows]
+            self.fused.append((linear.weight, linear.weight.data))
+            if bias is not None:
+                linear.bias.data = bias[rows]
+                self.fused.append((linear.bias, linear.bias.data))
+            start = rows.stop
+        return partial(F.linear, weight=weight, bias=bias)
+
+    def stale(self) -> bool:
+        """Whether a module's weight was replaced since the fusion (its fused copy no longer reads the same)."""
+        return any(param.data_ptr() != view.data_ptr() for param, view in self.fused)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch) -> torch.Tensor:
+        """Logits (rows, V) after feeding ids (rows,) at positions (rows,), mask (rows, 1, 1, t + 1) from
+        batch.step_inputs; keys and values go to the batch's column t."""
+        rows, t = ids.shape[0], batch.t
+        nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
+        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, hd / 2): one head axis to broadcast
+        angles = torch.cat((freqs, freqs), -1)
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)  # (rows, 1, hd)
+        x = F.embedding(ids, self.embed)  # (rows, hidden)
+        for layer, cache in zip(self.layers, batch.layers):
+            heads = layer["qkv"](self._norm(x, layer["norm1"])).view(rows, nq + 2 * nkv, hd)
+            if layer["q_norm"] is None:
+                qk = _rope(heads[:, :nq + nkv], cos, sin)  # q and k rotated together: (rows, nq + nkv, hd)
+            else:  # qwen3: per-head rms norm of q and k before rope
+                qk = torch.cat([self._norm(heads[:, :nq], layer["q_norm"]),
+                                self._norm(heads[:, nq:nq + nkv], layer["k_norm"])], 1)
+                qk = _rope(qk, cos, sin)
+            cache.keys[:, :, t] = qk[:, nq:]
+            cache.values[:, :, t] = heads[:, nq + nkv:]
+            # Grouped-query attention on the kv heads: each kv head's query heads act as its queries (HF's pack_gqa).
+            q = qk[:, :nq].reshape(rows, nkv, nq // nkv, hd)
+            out = F.scaled_dot_product_attention(q, cache.keys[:, :, :t + 1], cache.values[:, :, :t + 1],
+                                                 attn_mask=mask, scale=self.scale)  # (rows, nkv, nq / nkv, hd)
+            x = x + layer["o"](out.reshape(rows, nq * hd))
+            gate, up = layer["gate_up"](self._norm(x, layer["norm2"])).split(layer["split"], -1)
+            x = x + layer["down"](F.silu(gate) * up)
+        return self.head(self._norm(x, self.final_norm))
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        # HF's RMSNorm in half precision: normalised in float32, rounded, then scaled (F.rms_norm rounds once).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (rows, heads, hd) as HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _single(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if type(linear) is nn.Linear:  # the live parameters: a dtype change or reload is seen, nothing to go stale
+        return partial(_linear, linear.weight, linear.bias)
+    return linear
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _linears_of_one_kind(modules: list[nn.Module]) -> bool:
+    """All plain nn.Linear (not a subclass such as bitsandbytes' Linear4bit) or all torch.ao int8 Linear."""
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    kinds = {type(m) for m in modules}
+    return kinds in ({nn.Linear}, {QLinear})

@@ -1,0 +1,151 @@
+"""The fast decode path (lifecycle.serve.fastpath) against the HF forward: logits step by step through joins, leaves and
+capacity growth, per supported family; the engine's greedy output with it on and off; what it refuses."""
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from serve_models import PROMPTS, ask, collect, run, serving, tokenizer, tokens  # noqa: F401
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from lifecycle.models import int8
+from lifecycle.serve import batch as batch_module
+from lifecycle.serve import fastpath
+from lifecycle.serve.batch import merge
+from lifecycle.serve.served import ServedModel
+
+DIMS = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=4)),
+    "llama_gqa": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=2)),
+    "llama_biases": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=1, attention_bias=True,
+                                                         mlp_bias=True)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DIMS, num_key_value_heads=2)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DIMS, num_key_value_heads=2, head_dim=16)),
+    "llama_int8": lambda: int8.quantize(LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=2))),
+}
+
+
+def random_model(family: str):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # random norm weights and biases, so a step that skips or misplaces one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def lockstep(fast: ServedModel, slow: ServedModel, steps: int) -> tuple[float, int]:
+    """Prefill 3 prompts of different lengths into both, decode greedily in step, one row leaving and one joining
+    after a few steps; the largest logit difference and the capacity grows seen."""
+    prompts = [[5, 17, 33, 2, 9, 41, 7], [11, 3], [8, 8, 19, 250, 61]]
+    worst, grows = 0.0, 0
+    with torch.no_grad():
+        batches = [m.prefill("base", prompts, all_logits=False)[1] for m in (fast, slow)]
+        feed = [3, 4, 5]
+        for step in range(steps):
+            if step == 6:  # row 1 leaves, a longer prompt joins
+                joins = [m.prefill("base", [[7] * 9 + [12, 99]], all_logits=False)[1] for m in (fast, slow)]
+                batches = [merge([(b, [0, 2]), (j, [0])]) for b, j in zip(batches, joins)]
+                feed = [feed[0], feed[2], 6]
+            capacity = batches[0].valid.shape[1]
+            got, want = (m.decode("base", feed, b) for m, b in zip((fast, slow), batches))
+            grows += batches[0].valid.shape[1] > capacity
+            worst = max(worst, (got - want).abs().max().item())
+            feed = want.argmax(-1).tolist()
+    return worst, grows
+
+
+@pytest.fixture
+def small_grow(monkeypatch):
+    monkeypatch.setattr(batch_module, "GROW", 4)  # a capacity growth every 4 steps
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fast_steps_equal_the_hf_forward_through_joins_leaves_and_growth(family, tokenizer, small_grow):
+    model = random_model(family)
+    reference = copy.deepcopy(model)  # untouched by the fusion
+    fast, slow = ServedModel(model, tokenizer, "base"), ServedModel(reference, tokenizer, "base", fast_decode=False)
+    assert fast.fast is not None and slow.fast is None
+    calls = []
+    model.forward = (lambda forward: lambda *a, **k: calls.append(1) or forward(*a, **k))(model.forward)
+    worst, grows = lockstep(fast, slow, 24)
+    assert worst < 1e-5 and grows >= 4
+    assert len(calls) == 2  # the two prefills; every decode step ran on the fast path
+
+
+def test_a_wrong_rope_fails_the_comparison(tokenizer, small_grow, monkeypatch):
+    """Negative control: the comparison above catches a fast path that is subtly wrong."""
+    model = random_model("llama_gqa")
+    fast, slow = ServedModel(copy.deepcopy(model), tokenizer, "base"), ServedModel(model, tokenizer, "base", False)
+    monkeypatch.setattr(fastpath, "_rope", lambda x, cos, sin: x * cos + x.flip(-1) * sin)
+    assert lockstep(fast, slow, 8)[0] > 1e-3
+
+
+def test_fast_path_follows_weights_replaced_after_the_fusion(tokenizer):
+    model = random_model("llama_gqa")
+    fast, slow = ServedModel(model, tokenizer, "base"), ServedModel(copy.deepcopy(model), tokenizer, "base", False)
+    for m in (fast, slow):
+        q = m.lm.model.layers[1].self_attn.q_proj
+        q.weight.data = q.weight.data * 2  # a new tensor: the fused matrix no longer holds these rows
+    assert fast.fast.stale()
+    assert lockstep(fast, slow, 8)[0] < 1e-5
+    assert not fast.fast.stale()
+
+
+def test_bfloat16_steps_equal_the_hf_forward(tokenizer):
+    model = random_model("llama_gqa").to(torch.bfloat16)
+    fast, slow = ServedModel(model, tokenizer, "base"), ServedModel(copy.deepcopy(model), tokenizer, "base", False)
+    assert lockstep(fast, slow, 12)[0] < 1e-5  # HF's half-precision norm reproduced: the same roundings
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda m: GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4)), "gpt2"),
+    (lambda m: LlamaForCausalLM(LlamaConfig(**DIMS, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                     "rope_theta": 10000.0})), "rope type 'linear'"),
+    (lambda m: LlamaForCausalLM(LlamaConfig(**DIMS, hidden_act="gelu")), "activation 'gelu'"),
+    (lambda m: MistralForCausalLM(MistralConfig(**DIMS, sliding_window=32)), "sliding-window"),
+    (lambda m: Qwen2ForCausalLM(Qwen2Config(**DIMS, use_sliding_window=True, sliding_window=32,
+                                            max_window_layers=1)), "sliding-window"),
+])
+def test_unsupported_models_keep_the_hf_forward(change, reason, tokenizer):
+    model = change(None).eval()
+    assert reason in fastpath.unsupported(model)
+    assert fastpath.build(model) is None and ServedModel(model, tokenizer, "base").fast is None
+
+
+@pytest.fixture(scope="module")
+def sharp_llama_dir(tokenizer, tmp_path_factory):
+    """A random GQA Llama with large weights: peaked attention, so a wrong position or key changes greedy tokens
+    (serve_models' llama_dir attends almost uniformly and hides such errors)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**DIMS, "vocab_size": len(tokenizer)}, num_key_value_heads=2, initializer_range=0.3)
+    directory = tmp_path_factory.mktemp("root") / "sharp"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_engine_greedy_output_is_the_same_with_and_without_the_fast_path(sharp_llama_dir):
+    async def outputs(fast_decode: bool):
+        async with serving(sharp_llama_dir, fast_decode=fast_decode) as engine:
+            joined, first = asyncio.Event(), []
+
+            async def leader():  # runs alone for 5 steps, then the others join its batch; they leave at different steps
+                async for event in engine.generate(ask(engine, PROMPTS[0], max_tokens=60)):
+                    first.append(event)
+                    if len(first) == 5:
+                        joined.set()
+            others = await asyncio.gather(leader(), *(collect(engine, ask(engine, p, max_tokens=30 + 7 * i), joined)
+                                                      for i, p in enumerate(PROMPTS[1:])))
+            return engine._served.fast is not None, [tokens(first), *(tokens(o) for o in others[1:])]
+
+    (fast_used, fast), (slow_used, slow) = run(outputs(True)), run(outputs(False))
+    assert fast_used and not slow_used
+    assert fast == slow and sum(map(len, fast)) > 150
