@@ -1,0 +1,304 @@
+"""B2 decoding and B3 int8 against peers: our engine, HF generate() (eager; static cache + torch.compile), llama.cpp.
+
+B2 (default): fixed prompts (seeded token ids, 8-64 tokens), greedy, --new-tokens each, on the trained tiny model
+(outputs/pretrain/latest/model) or, with --size 124m, a randomly initialised Llama of GPT-2-small size (12 x 768,
+3072 MLP, the tiny model's 8,192 vocab: ~120M parameters) where the matmuls, not Python, dominate. Runs, one after
+another in one process (llama.cpp in a child process of --peer-python's venv, on the same weights as GGUF f32):
+  hf_eager_b1, hf_compile_b1   HF generate() eager; with cache_implementation="static" and torch.compile'd forward
+                               (its compile warm-up is timed apart, on two prompts first)
+  engine_b1, engine_c8         our LocalEngine, one request at a time; 8 concurrent clients
+  hf_eager_b8                  HF generate() on left-padded batches of 8
+  llama_cpp_b1                 llama-cpp-python's generate() (greedy), the KV cache reset per prompt
+Greedy tokens of every run are compared with hf_eager_b1's (same tokens up to EOS). llama.cpp batch 8 is reported
+as skipped: the Python binding has no batched generation.
+
+B3 (--int8): the same decode runs on int8 weights at equal quality: ours (`lifecycle optimize optimize=int8`'s
+per-channel torch.ao int8, served by our engine), a user's one-line torch.ao `quantize_dynamic(model, {nn.Linear})`
+under HF generate(), and llama.cpp q8_0; plus the perplexity of each (and fp32's) on held-out stdlib source.
+Goals (issue 10): B2 >= 3x HF eager, >= 1x llama.cpp f32 on the 124M model; B3 perplexity change <= 1%, >= 1.2x
+torch.ao, >= 1x q8_0. Figures go to benchmarks/results/decode_peers[-124m][-int8].json.
+
+    python benchmarks/decode_peers.py                       # B2, tiny model
+    python benchmarks/decode_peers.py --size 124m --prompts 8 --new-tokens 64
+    python benchmarks/decode_peers.py --int8
+llama.cpp's venv and source tree (the GGUF converter ships only there; building the wheel takes ~13 min on 2 cores):
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llsrc && tar xzf /tmp/llsrc/*.tar.gz -C /tmp/llsrc
+    /tmp/benchvenv/bin/pip install /tmp/llsrc/llama_cpp_python-*.tar.gz transformers sentencepiece pyyaml
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_SRC = next(iter(sorted(Path("/tmp/llsrc").glob("llama_cpp_python-*/vendor/llama.cpp"))), None) \
+    if Path("/tmp/llsrc").is_dir() else None
+
+
+# ---- llama.cpp side (runs inside --peer-python's venv) ------------------------------------------------------------
+
+def llama_main(job: Path) -> None:
+    """Decode the prompts greedily and/or score perplexity with llama-cpp-python; writes job's result file."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    spec = json.loads(job.read_text())
+    out = {}
+    llm = Llama(spec["gguf"], n_ctx=spec["n_ctx"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                logits_all=bool(spec.get("ppl")), verbose=False)
+    eos = llm.token_eos()
+    if spec.get("prompts"):
+        outputs, ttft, started = [], [], time.perf_counter()
+        for prompt in spec["prompts"]:
+            llm.reset()
+            t0, ids = time.perf_counter(), []
+            for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                      reset=True):
+                if not ids:
+                    ttft.append(time.perf_counter() - t0)
+                ids.append(int(token))
+                if token == eos or len(ids) >= spec["new_tokens"]:
+                    break
+            outputs.append(ids)
+        out["decode"] = {"seconds": time.perf_counter() - started, "outputs": outputs, "ttft": ttft}
+    if spec.get("ppl"):
+        nll, count = 0.0, 0
+        for window in spec["ppl"]:
+            llm.reset()
+            llm.eval(window)
+            logits = np.asarray(llm.scores[:len(window)], dtype=np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+        out["ppl"] = float(np.exp(nll / count))
+    job.with_suffix(".out.json").write_text(json.dumps(out))
+
+
+def run_llama(gguf: Path, python: Path, threads: int, prompts=None, new_tokens: int = 0, ppl=None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="llama-") as tmp:
+        job = Path(tmp) / "job.json"
+        width = max([len(p) for p in prompts or []] + [len(w) for w in ppl or []]) + new_tokens + 8
+        job.write_text(json.dumps({"gguf": str(gguf), "threads": threads, "n_ctx": width, "prompts": prompts,
+                                   "new_tokens": new_tokens, "ppl": ppl}))
+        proc = subprocess.run([str(python), __file__, "--llama-run", str(job)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama.cpp run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads(job.with_suffix(".out.json").read_text())
+
+
+def convert(model: Path, out: Path, outtype: str, python: Path) -> Path:
+    if not out.is_file():
+        proc = subprocess.run([str(python), str(ROOT / "benchmarks/peers/gguf.py"), str(model), str(out), "--outtype",
+                               outtype, "--llama-cpp", str(LLAMA_SRC)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"GGUF conversion failed: {proc.stderr[-2000:]}")
+    return out
+
+
+# ---- our side -----------------------------------------------------------------------------------------------------
+
+def big_model(tmp: Path, tokenizer_dir: Path) -> Path:
+    """A random ~120M Llama (12 x 768, MLP 3072) with the tiny model's tokenizer, saved to tmp/model-124m."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lifecycle.models.build import llama
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = llama(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                  intermediate_size=3072, max_position_embeddings=1024, vocab_size=len(tokenizer),
+                  bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(tmp / "model-124m")
+    tokenizer.save_pretrained(tmp / "model-124m")
+    return tmp / "model-124m"
+
+
+def heldout_windows(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n windows of `length` tokens from stdlib files the default corpus's val split is unlikely to hold verbatim."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[::-1]
+    windows = []
+    for path in files:
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace")).input_ids
+        windows += [ids[i:i + length] for i in range(0, len(ids) - length, length)][:2]
+        if len(windows) >= n:
+            return windows[:n]
+    return windows
+
+
+def perplexity(model, windows: list[list[int]]) -> float:
+    import torch
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            loss = model(input_ids=ids, labels=ids).loss
+            nll += float(loss) * (len(w) - 1)
+            count += len(w) - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def hf_compiled(model):
+    """HF's recipe for fast generate(): a static KV cache and a torch.compile'd forward."""
+    import torch
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward)
+    return model
+
+
+async def ours(directory: Path, prompts, new_tokens: int, threads: int, concurrency: int) -> dict:
+    from serve_engine import engine_run
+
+    from lifecycle.serve.engine import LocalEngine
+    engine = LocalEngine(str(directory), max_batch_size=concurrency, max_queue=len(prompts), threads=threads)
+    await engine.start()
+    try:
+        await engine_run(engine, prompts[:2], 4, 1)  # warm-up
+        return {"engine_b1": await engine_run(engine, prompts, new_tokens, 1),
+                f"engine_c{concurrency}": await engine_run(engine, prompts, new_tokens, concurrency)}
+    finally:
+        await engine.stop()
+
+
+def llama_decode(gguf: Path, args, prompts, eos: int) -> dict:
+    from serve_engine import summary, until_eos
+    result = run_llama(gguf, args.peer_python, args.threads, prompts=prompts, new_tokens=args.new_tokens)["decode"]
+    return summary([until_eos(o, eos) for o in result["outputs"]], result["seconds"], result["ttft"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["tiny", "124m"], default="tiny")
+    p.add_argument("--int8", action="store_true", help="B3: int8 paths at equal quality")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--peer-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    p.add_argument("--no-compile", action="store_true", help="skip HF static cache + torch.compile")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--llama-run", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.llama_run:
+        return llama_main(args.llama_run)
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from serve_engine import fixed_prompts, hf_run, model_dir
+
+    from lifecycle.models.load import load_model
+    torch.set_num_threads(args.threads)
+    suffix = ("-124m" if args.size == "124m" else "") + ("-int8" if args.int8 else "")
+    out_path = args.out or ROOT / f"benchmarks/results/decode_peers{suffix}.json"
+    skipped: dict[str, str] = {}
+    llama_ok = args.peer_python.exists() and LLAMA_SRC is not None
+    if not llama_ok:
+        skipped["llama_cpp"] = f"no {args.peer_python} or llama.cpp source tree under /tmp/llsrc (see the docstring)"
+    skipped["llama_cpp_b8"] = "llama-cpp-python has no batched generation"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        directory = model_dir(tmp)
+        if args.size == "124m":
+            directory = big_model(tmp, directory)
+        model, tokenizer = load_model(directory)
+        model.eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        prompts = fixed_prompts(args.prompts, len(tokenizer))
+        pad, eos = tokenizer.pad_token_id or 0, tokenizer.eos_token_id
+        runs, ppl, warmup = {}, {}, {}
+        if not args.int8:
+            hf_run(model, prompts[:2], 4, 1, pad, eos)
+            runs["hf_eager_b1"] = hf_run(model, prompts, args.new_tokens, 1, pad, eos)
+            runs.update(asyncio.run(ours(directory, prompts, args.new_tokens, args.threads, args.concurrency)))
+            runs[f"hf_eager_b{args.concurrency}"] = hf_run(model, prompts, args.new_tokens, args.concurrency, pad, eos)
+            if llama_ok:
+                gguf = convert(directory, tmp / "f32.gguf", "f32", args.peer_python)
+                runs["llama_cpp_b1"] = llama_decode(gguf, args, prompts, eos)
+            if not args.no_compile:
+                compiled = hf_compiled(load_model(directory)[0].eval())
+                started = time.perf_counter()
+                hf_run(compiled, prompts[:2], args.new_tokens, 1, pad, eos)
+                warmup["hf_compile_b1"] = round(time.perf_counter() - started, 1)
+                runs["hf_compile_b1"] = hf_run(compiled, prompts, args.new_tokens, 1, pad, eos)
+            reference = "hf_eager_b1"
+        else:
+            from lifecycle.models import int8
+            from lifecycle.optimize.variant import save
+            windows = heldout_windows(tokenizer, args.ppl_windows, 256)
+            ppl["fp32"] = perplexity(model, windows)
+            hf_run(model, prompts[:2], 4, 1, pad, eos)
+            runs["fp32_hf_eager_b1"] = hf_run(model, prompts, args.new_tokens, 1, pad, eos)
+            ours_dir = save(int8.quantize(load_model(directory)[0].eval()), tokenizer, tmp / "ours-int8", "int8", [], {})
+            ppl["ours_int8"] = perplexity(load_model(ours_dir)[0].eval(), windows)
+            runs.update({f"ours_int8_{k.removeprefix('engine_')}": v for k, v in asyncio.run(
+                ours(ours_dir, prompts, args.new_tokens, args.threads, args.concurrency)).items()})
+            ao = torch.ao.quantization.quantize_dynamic(load_model(directory)[0].eval(), {torch.nn.Linear},
+                                                        dtype=torch.qint8)
+            ppl["torch_ao_int8"] = perplexity(ao, windows)
+            hf_run(ao, prompts[:2], 4, 1, pad, eos)
+            runs["torch_ao_int8_hf_b1"] = hf_run(ao, prompts, args.new_tokens, 1, pad, eos)
+            runs[f"torch_ao_int8_hf_b{args.concurrency}"] = hf_run(ao, prompts, args.new_tokens, args.concurrency,
+                                                                   pad, eos)
+            if llama_ok:
+                for outtype in ("f32", "q8_0"):
+                    gguf = convert(directory, tmp / f"{outtype}.gguf", outtype, args.peer_python)
+                    ppl[f"llama_cpp_{outtype}"] = run_llama(gguf, args.peer_python, args.threads, ppl=windows)["ppl"]
+                runs["llama_cpp_q8_0_b1"] = llama_decode(gguf, args, prompts, eos)
+            reference = "fp32_hf_eager_b1"
+    report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path)
+
+
+def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_path) -> None:
+    ref = runs[reference]["outputs"]
+    same = {name: sum(a == b for a, b in zip(run["outputs"], ref)) for name, run in runs.items()}
+    tps = {name: run["tokens_per_s"] for name, run in runs.items()}
+    print(f"\nmodel: {model} ({n_params / 1e6:.1f}M params); {args.prompts} prompts x {args.new_tokens} new tokens, "
+          f"greedy, {args.threads} threads")
+    print(f"{'run':<26}{'tokens/s':>10}{'TTFT p50 ms':>13}{'seconds':>9}{'= ' + reference:>24}")
+    for name, run in runs.items():
+        print(f"{name:<26}{run['tokens_per_s']:>10}{run['ttft_ms_p50']:>13}{run['seconds']:>9}"
+              f"{same[name]:>18}/{len(ref)}")
+    ratios = {}
+    c = args.concurrency
+    if not args.int8:
+        for peer in ("hf_eager_b1", "hf_compile_b1", "llama_cpp_b1"):
+            if peer in tps:
+                ratios[f"engine_b1/{peer}"] = round(tps["engine_b1"] / tps[peer], 2)
+        ratios[f"engine_c{c}/hf_eager_b{c}"] = round(tps[f"engine_c{c}"] / tps[f"hf_eager_b{c}"], 2)
+        if "llama_cpp_b1" in tps:
+            ratios[f"engine_c{c}/llama_cpp_b1"] = round(tps[f"engine_c{c}"] / tps["llama_cpp_b1"], 2)
+    else:
+        ratios["ours_int8_b1/torch_ao_int8_hf_b1"] = round(tps["ours_int8_b1"] / tps["torch_ao_int8_hf_b1"], 2)
+        ratios[f"ours_int8_c{c}/torch_ao_int8_hf_b{c}"] = round(tps[f"ours_int8_c{c}"] /
+                                                                 tps[f"torch_ao_int8_hf_b{c}"], 2)
+        if "llama_cpp_q8_0_b1" in tps:
+            ratios["ours_int8_b1/llama_cpp_q8_0_b1"] = round(tps["ours_int8_b1"] / tps["llama_cpp_q8_0_b1"], 2)
+        base = {"ours_int8": "fp32", "torch_ao_int8": "fp32", "llama_cpp_q8_0": "llama_cpp_f32"}
+        ppl_change = {k: round(100 * (ppl[k] / ppl[b] - 1), 3) for k, b in base.items() if k in ppl and b in ppl}
+        print("perplexity:", {k: round(v, 3) for k, v in ppl.items()}, "change %:", ppl_change)
+        ratios["ppl_change_pct"] = ppl_change
+    if warmup:
+        print("compile warm-up s:", warmup)
+    print("ratios:", ratios, "| skipped:", skipped)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({
+        "model": model, "params": n_params, "date": time.strftime("%Y-%m-%d"), "prompts": args.prompts,
+        "new_tokens": args.new_tokens, "threads": args.threads, "cpus": os.cpu_count(),
+        "runs": {name: {k: v for k, v in run.items() if k != "outputs"} for name, run in runs.items()},
+        f"identical_to_{reference}": same, "perplexity": ppl, "warmup_s": warmup, "ratios": ratios,
+        "skipped": skipped}, indent=2) + "\n")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
