@@ -91,7 +91,8 @@ def run_llama(gguf: Path, python: Path, threads: int, prompts=None, new_tokens: 
                                    "new_tokens": new_tokens, "ppl": ppl}))
         proc = subprocess.run([str(python), __file__, "--llama-run", str(job)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"llama.cpp run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            raise RuntimeError(f"llama.cpp run failed (exit {proc.returncode}{', a crash' if proc.returncode < 0 else ''})"
+                               f": {proc.stderr[-2000:]}")
         return json.loads(job.with_suffix(".out.json").read_text())
 
 
@@ -222,8 +223,11 @@ def main() -> None:
             runs.update(asyncio.run(ours(directory, prompts, args.new_tokens, args.threads, args.concurrency)))
             runs[f"hf_eager_b{args.concurrency}"] = hf_run(model, prompts, args.new_tokens, args.concurrency, pad, eos)
             if llama_ok:
-                gguf = convert(directory, tmp / "f32.gguf", "f32", args.peer_python)
-                runs["llama_cpp_b1"] = llama_decode(gguf, args, prompts, eos)
+                try:
+                    gguf = convert(directory, tmp / "f32.gguf", "f32", args.peer_python)
+                    runs["llama_cpp_b1"] = llama_decode(gguf, args, prompts, eos)
+                except RuntimeError as e:  # reported, not a win
+                    skipped["llama_cpp"] = str(e)[:300]
             if not args.no_compile:
                 compiled = hf_compiled(load_model(directory)[0].eval())
                 started = time.perf_counter()
@@ -250,10 +254,14 @@ def main() -> None:
             runs[f"torch_ao_int8_hf_b{args.concurrency}"] = hf_run(ao, prompts, args.new_tokens, args.concurrency,
                                                                    pad, eos)
             if llama_ok:
-                for outtype in ("f32", "q8_0"):
-                    gguf = convert(directory, tmp / f"{outtype}.gguf", outtype, args.peer_python)
-                    ppl[f"llama_cpp_{outtype}"] = run_llama(gguf, args.peer_python, args.threads, ppl=windows)["ppl"]
-                runs["llama_cpp_q8_0_b1"] = llama_decode(gguf, args, prompts, eos)
+                try:
+                    for outtype in ("f32", "q8_0"):
+                        gguf = convert(directory, tmp / f"{outtype}.gguf", outtype, args.peer_python)
+                        ppl[f"llama_cpp_{outtype}"] = run_llama(gguf, args.peer_python, args.threads,
+                                                                ppl=windows)["ppl"]
+                    runs["llama_cpp_q8_0_b1"] = llama_decode(gguf, args, prompts, eos)
+                except RuntimeError as e:  # reported, not a win
+                    skipped["llama_cpp_q8_0"] = str(e)[:300]
             reference = "fp32_hf_eager_b1"
     report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path)
 
