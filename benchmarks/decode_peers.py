@@ -91,8 +91,8 @@ def run_llama(gguf: Path, python: Path, threads: int, prompts=None, new_tokens: 
                                    "new_tokens": new_tokens, "ppl": ppl}))
         proc = subprocess.run([str(python), __file__, "--llama-run", str(job)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"llama.cpp run failed (exit {proc.returncode}{', a crash' if proc.returncode < 0 else ''})"
-                               f": {proc.stderr[-2000:]}")
+            crash = ", a crash" if proc.returncode < 0 else ""
+            raise RuntimeError(f"llama.cpp run failed (exit {proc.returncode}{crash}): {proc.stderr[-2000:]}")
         return json.loads(job.with_suffix(".out.json").read_text())
 
 
@@ -242,7 +242,8 @@ def main() -> None:
             ppl["fp32"] = perplexity(model, windows)
             hf_run(model, prompts[:2], 4, 1, pad, eos)
             runs["fp32_hf_eager_b1"] = hf_run(model, prompts, args.new_tokens, 1, pad, eos)
-            ours_dir = save(int8.quantize(load_model(directory)[0].eval()), tokenizer, tmp / "ours-int8", "int8", [], {})
+            quantized = int8.quantize(load_model(directory)[0].eval())
+            ours_dir = save(quantized, tokenizer, tmp / "ours-int8", "int8", [], {})
             ppl["ours_int8"] = perplexity(load_model(ours_dir)[0].eval(), windows)
             runs.update({f"ours_int8_{k.removeprefix('engine_')}": v for k, v in asyncio.run(
                 ours(ours_dir, prompts, args.new_tokens, args.threads, args.concurrency)).items()})
