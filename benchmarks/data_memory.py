@@ -1,7 +1,8 @@
 """Data stage memory: does `lifecycle data` stay within a hard per-process memory cap as the corpus grows?
 
 A synthetic English-like corpus (Zipf-distributed words from a fixed vocabulary of a few thousand words, stop
-words first, 5-20 KB documents, all distinct) is written as 16 MB .jsonl.gz files and run through the whole stage
+words first, 5-20 KB documents, all distinct) is written as 16 MB .jsonl.gz files (or, with --single-file, as one
+plain .jsonl file, which the stage splits into sources.jsonl.unit_mb byte ranges) and run through the whole stage
 (read, clean, Gopher, PII, exact + MinHash dedup, BPE tokenizer, train/val shards) at two corpus sizes, each in a
 subprocess whose processes are capped with setrlimit(RLIMIT_DATA, --cap-mb). Peak RSS (VmHWM) of the stage's main
 process and of its worker processes is polled from /proc every 0.2 s; the table shows whether it grows with the
@@ -9,6 +10,7 @@ corpus. Figures go to benchmarks/results/data_memory.json.
 
     python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400
     python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400 --set dedup=none  # no MinHash
+    python benchmarks/data_memory.py --mb 256 --small-mb 64 --cap-mb 400 --single-file  # one 256 MB .jsonl
 
 Why RLIMIT_DATA, not RLIMIT_AS: AS counts address space reserved, not used (shared libraries, glibc arenas, thread
 stacks): the stage needs an AS cap of ~550-700 MB even on a 16 MB corpus. Since Linux 4.7 RLIMIT_DATA counts
@@ -18,14 +20,20 @@ scipy (via datasketch) make VmData ~230 MB at import for ~75 MB of anonymous RSS
 inherited by the forked workers, so the whole tree may use up to (workers + 1) x cap.
 
 Finding with the disk-backed global dedup (lifecycle/data/dedup_disk.py), full chain incl. MinHash, 2 workers,
-400 MB RLIMIT_DATA per process, 16 MB input files of ~11 KB documents, on 2 CPUs shared with other jobs (hence
+400 MB RLIMIT_DATA per process, documents of ~11 KB, on 2 CPUs shared with other jobs (hence
 the slow wall times):
-    near dedup    corpus MB  peak main MB  peak worker MB  peak tree MB  wall s  exit
-    minhash            64.8         258.8           118.7         350.9      64  0
-    minhash           259.2         269.0           118.8         382.1     760  0
+    input                    corpus MB  units  peak main MB  peak worker MB  peak tree MB  wall s  exit
+    16 MB .jsonl.gz files         64.8      4         258.8           118.7         350.9      64  0
+    16 MB .jsonl.gz files        259.2     16         269.0           118.8         382.1     760  0
+    one .jsonl (--single-file)    64.8      2         262.9           102.3         334.7      93  0
+    one .jsonl (--single-file)   259.2      5         268.8           102.5         346.3     757  0
 A corpus 4x larger than before and 0.65x the cap (0.22x the tree's combined cap) runs with the main process +10 MB:
 memory no longer grows with the corpus. Before (in-memory datasketch LSH, ~6 KB per kept document) the 259 MB run
-hit the cap and failed (exit 1, main at 347.8 MB). Workers stay flat: they hold one input file at a time.
+hit the cap and failed (exit 1, main at 347.8 MB). The first two rows are from before workers streamed their unit
+(they then held one 16 MB file's documents, digests and signatures); the last two from after: one 259 MB file is
+split into 64 MB byte ranges (sources.jsonl.unit_mb) that both workers share, and each worker holds one document at
+a time: its peak (102 MB) is below the 16 MB-file runs' (119 MB) on units 4x larger. The instruction collector adds
+nothing here (prose only, no Python code documents); it now streams its pairs to disk too.
 """
 from __future__ import annotations
 
@@ -45,9 +53,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_WORDS = "the of and to a in that is was he for it with as his on be at by have this had not are but from".split()
-FILE_BYTES = 16 * 2**20  # uncompressed text per input file: one file is one unit, which a worker holds whole
-COLUMNS = ["corpus_mb", "cap_mb", "peak_main_mb", "peak_worker_mb", "peak_tree_mb", "wall_s", "mb_per_s", "tokens",
-           "exit"]
+FILE_BYTES = 16 * 2**20  # uncompressed text per input file (per generated piece of the --single-file corpus)
+COLUMNS = ["corpus_mb", "units", "cap_mb", "peak_main_mb", "peak_worker_mb", "peak_tree_mb", "wall_s", "mb_per_s",
+           "tokens", "exit"]
 LETTERS = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
 LETTER_P = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0,
                      1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
@@ -66,8 +74,8 @@ def vocabulary(rng: np.random.Generator, size: int) -> list[str]:
     return words
 
 
-def write_file(path: Path, rng: np.random.Generator, words: list[str], probs: np.ndarray) -> tuple[int, int]:
-    """One .jsonl.gz of ~FILE_BYTES of text: (documents, bytes). Words drawn at once, separators chosen by mask."""
+def texts(rng: np.random.Generator, words: list[str], probs: np.ndarray) -> list[str]:
+    """~FILE_BYTES of documents. Words drawn at once, separators chosen by mask."""
     n = int(FILE_BYTES / (probs @ np.array([len(w) + 1 for w in words])))
     idx = rng.choice(len(words), n, p=probs)
     plain, spaced = np.array(words, dtype=object), np.array([w + " " for w in words], dtype=object)
@@ -75,15 +83,13 @@ def write_file(path: Path, rng: np.random.Generator, words: list[str], probs: np
     tokens = np.where(u < 1 / 120, plain[idx] + ".\n\n", np.where(u < 1 / 14, plain[idx] + ". ", spaced[idx]))
     ends = np.cumsum(rng.integers(5_000, 20_000, n // 500) // 7)  # ~7 bytes a word: documents of 5-20 KB
     bounds = np.concatenate([[0], ends[ends < n]])
-    texts = ["".join(tokens[a:b].tolist()).strip() for a, b in zip(bounds[:-1], bounds[1:])]
-    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    return len(texts), sum(map(len, texts))
+    return ["".join(tokens[a:b].tolist()).strip() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def corpus(root: Path, mb: int, seed: int) -> tuple[Path, dict]:
-    """The corpus of `mb` MB for `seed` and its {docs, bytes}, generated once (`.done` marks it complete)."""
-    out = root / f"corpus-{mb}mb-seed{seed}"
+def corpus(root: Path, mb: int, seed: int, single_file: bool) -> tuple[Path, dict]:
+    """The corpus of `mb` MB for `seed` and its {docs, bytes}, generated once (`.done` marks it complete): 16 MB
+    .jsonl.gz files, or the same documents in one plain .jsonl."""
+    out = root / f"corpus-{mb}mb-seed{seed}{'-single' if single_file else ''}"
     if (out / ".done").is_file():
         return out, json.loads((out / ".done").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -91,10 +97,14 @@ def corpus(root: Path, mb: int, seed: int) -> tuple[Path, dict]:
     words = vocabulary(rng, 4000)
     probs = 1.0 / (np.arange(len(words)) + 2.7)  # Zipf-Mandelbrot ranks
     probs /= probs.sum()
-    started = time.perf_counter()
-    counts = np.sum([write_file(out / f"part-{i:05d}.jsonl.gz", rng, words, probs)
-                     for i in range(max(1, mb * 2**20 // FILE_BYTES))], axis=0)
-    info = {"docs": int(counts[0]), "bytes": int(counts[1])}
+    started, info = time.perf_counter(), {"docs": 0, "bytes": 0}
+    (out / "corpus.jsonl").unlink(missing_ok=True)  # a run cut short leaves a part of it
+    for i in range(max(1, mb * 2**20 // FILE_BYTES)):
+        docs = texts(rng, words, probs)
+        with (open(out / "corpus.jsonl", "a", encoding="utf-8") if single_file
+              else gzip.open(out / f"part-{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1)) as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+        info = {"docs": info["docs"] + len(docs), "bytes": info["bytes"] + sum(map(len, docs))}
     (out / ".done").write_text(json.dumps(info))
     print(f"generated {mb} MB ({info['docs']} documents) in {time.perf_counter() - started:.0f} s: {out}", flush=True)
     return out, info
@@ -179,6 +189,7 @@ def run_stage(data: Path, work: Path, cap_mb: int, args: argparse.Namespace) -> 
     return {"cap_mb": cap_mb, "peak_main_mb": sampler.main_kb / 1024, "peak_worker_mb": sampler.worker_kb / 1024,
             "peak_tree_mb": sampler.tree_kb / 1024, "wall_s": wall, "exit": rc,
             "tokens": meta.get("train_tokens", 0) + meta.get("val_tokens", 0), "documents": meta.get("documents"),
+            "units": report.get("sources", {}).get("jsonl", {}).get("units", 0),
             "phase_s": report.get("seconds"), "timeline": sampler.timeline,
             "log_tail": log.read_text()[-600:] if rc != 0 else ""}
 
@@ -192,13 +203,14 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "lifecycle-data-memory")
+    p.add_argument("--single-file", action="store_true", help="the corpus as one plain .jsonl, not 16 MB .jsonl.gz")
     p.add_argument("--set", nargs="*", default=[], help="more stage overrides; near dedup off: dedup=none")
     p.add_argument("--timeout", type=int, default=1800, help="seconds before a run counts as failed (hung)")
     args = p.parse_args()
 
     rows = []
     for mb in sorted({args.small_mb or max(16, args.mb // 4), args.mb}):
-        data, info = corpus(args.corpus_dir, mb, args.seed)
+        data, info = corpus(args.corpus_dir, mb, args.seed, args.single_file)
         size_mb = info["bytes"] / 2**20
         with tempfile.TemporaryDirectory(prefix="data-memory-") as work:
             row = {"corpus_mb": size_mb, "corpus_docs": info["docs"], **run_stage(data, Path(work), args.cap_mb, args)}
