@@ -19,7 +19,7 @@ from lifecycle.data.progress import doc_size, progress, unit_size
 from lifecycle.data.report import Report
 from lifecycle.data.select import select
 from lifecycle.data.shards import token_dtype, write_split
-from lifecycle.data.sources import unit_bytes
+from lifecycle.data.spans import unit_bytes
 from lifecycle.data.tokenizer import load_pretrained, train_bpe
 from lifecycle.errors import DataError
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lifecycle.data.document import Skips
-from lifecycle.data.sources import JsonLines, file_sha256, unit_bytes, unit_span
+from lifecycle.data.sources import JsonLines
+from lifecycle.data.spans import file_sha256, unit_bytes, unit_span
 
 MB = 2**20
 
