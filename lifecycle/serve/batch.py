@@ -49,6 +49,7 @@ class Batch(Cache):
         self.valid = valid            # (rows, capacity) bool: column holds a token of that row
         self.positions = positions    # (rows,) long: the position of each row's next token
         self.t = t                    # columns in use; the next token of every row goes to column t
+        self.bias: torch.Tensor | None = None  # (rows, capacity) additive mask made from `valid`, kept across steps
 
     @property
     def rows(self) -> int:
@@ -69,10 +70,12 @@ class Batch(Cache):
         if self.t == self.valid.shape[1]:
             self._grow()
         self.valid[:, self.t] = True
-        visible = self.valid[:, None, None, :self.t + 1]  # (rows, 1, query=1, keys)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-        mask.masked_fill_(~visible, torch.finfo(dtype).min)  # additive: right for sdpa and eager attention alike
-        return self.positions[:, None], mask
+        if self.bias is None or self.bias.dtype != dtype:
+            self.bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+            self.bias.masked_fill_(~self.valid, torch.finfo(dtype).min)  # additive: right for sdpa and eager alike
+        else:  # only column t changed since the last step
+            self.bias[:, self.t] = 0
+        return self.positions[:, None], self.bias[:, None, None, :self.t + 1]  # mask: (rows, 1, query=1, keys)
 
     def advance(self) -> None:
         """After a decode step: every row wrote column t."""
@@ -84,6 +87,7 @@ class Batch(Cache):
             layer.keys = _with_capacity(layer.keys, self.t + GROW)
             layer.values = _with_capacity(layer.values, self.t + GROW)
         self.valid = _with_capacity(self.valid, self.t + GROW)
+        self.bias = None
 
 
 def merge(parts: list[tuple[Batch, list[int]]]) -> Batch | None:

@@ -116,9 +116,7 @@ class FastDecoder:
         batch.step_inputs; keys and values go to the batch's column t."""
         rows, t = ids.shape[0], batch.t
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, hd / 2): one head axis to broadcast
-        angles = torch.cat((freqs, freqs), -1)
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)  # (rows, 1, hd)
+        cos, sin = self._rotation(positions)
         x = F.embedding(ids, self.embed)  # (rows, hidden)
         for layer, cache in zip(self.layers, batch.layers):
             heads = layer["qkv"](self._norm(x, layer["norm1"])).view(rows, nq + 2 * nkv, hd)
@@ -128,16 +126,25 @@ class FastDecoder:
                 qk = torch.cat([self._norm(heads[:, :nq], layer["q_norm"]),
                                 self._norm(heads[:, nq:nq + nkv], layer["k_norm"])], 1)
                 qk = _rope(qk, cos, sin)
-            cache.keys[:, :, t] = qk[:, nq:]
-            cache.values[:, :, t] = heads[:, nq + nkv:]
+            cache.keys.select(2, t).copy_(qk[:, nq:])
+            cache.values.select(2, t).copy_(heads[:, nq + nkv:])
             # Grouped-query attention on the kv heads: each kv head's query heads act as its queries (HF's pack_gqa).
             q = qk[:, :nq].reshape(rows, nkv, nq // nkv, hd)
-            out = F.scaled_dot_product_attention(q, cache.keys[:, :, :t + 1], cache.values[:, :, :t + 1],
+            out = F.scaled_dot_product_attention(q, cache.keys.narrow(2, 0, t + 1), cache.values.narrow(2, 0, t + 1),
                                                  attn_mask=mask, scale=self.scale)  # (rows, nkv, nq / nkv, hd)
             x = x + layer["o"](out.reshape(rows, nq * hd))
             gate, up = layer["gate_up"](self._norm(x, layer["norm2"])).split(layer["split"], -1)
             x = x + layer["down"](F.silu(gate) * up)
         return self.head(self._norm(x, self.final_norm))
+
+    def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (rows, 1, hd) at each row's position, in the model's dtype as HF rounds them."""
+        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, hd / 2): one head axis to broadcast
+        angles = torch.cat((freqs, freqs), -1)
+        sin = angles.sin().to(self.dtype)
+        half = sin.shape[-1] // 2
+        sin[..., :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * (-sin_1, sin_2), exactly
+        return angles.cos().to(self.dtype), sin
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -148,10 +155,10 @@ class FastDecoder:
         return weight * h.to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (rows, heads, hd) as HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (rows, heads, hd), HF's x * cos + rotate_half(x) * sin with the sign folded into sin."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x_2, x_1): one kernel instead of neg + cat
+    return x * cos + swapped * signed_sin
 
 
 def _single(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
