@@ -1,11 +1,15 @@
-"""Training throughput: our Lightning step (CausalLM + Trainer) against a plain PyTorch loop.
+"""Training throughput: our Lightning step (CausalLM + Trainer) against a raw PyTorch loop, HF Trainer and plain Lightning.
 
-Both train the same tiny Llama (conf/model/tiny_llama.yaml, same seed -> identical init) on the same fixed
-batches of BPE-tokenised stdlib source, with the same AdamW, warm-up/cosine schedule and gradient clipping,
-in alternating rounds in one process (ours, raw, ours, raw, ...), each round from a fresh model. It reports
-the median steady-state tokens/s of each (the first --warmup steps of a round are discarded), their ratio
-ours/raw, MFU against the float32 GEMM peak measured in the same run, and the per-step losses of both,
-which must be equal. Goal: ratio >= 0.95 with equal losses. Figures go to benchmarks/results/train_throughput.json.
+All four train the same tiny Llama (conf/model/tiny_llama.yaml, same seed -> identical init) on the same fixed
+batches of BPE-tokenised stdlib source in the same order, with the AdamW hyperparameters of conf/optimizer/adamw.yaml
+(ours instantiates that file as the stage does; each peer builds AdamW the way its users do: `torch.optim.AdamW`
+for raw and plain Lightning, `TrainingArguments`' default `optim` for HF Trainer), the same warm-up/cosine
+schedule, gradient clipping at 1.0 and fp32, in alternating rounds in one process (ours, raw, hf_trainer,
+lightning, ours, ...), each round from a fresh model. It reports the median steady-state tokens/s of each (the
+first --warmup steps of a round are discarded), MFU against the float32 GEMM peak measured in the same run,
+the ratio ours / best peer, and each peer's max |loss difference| from ours over the first 10 steps.
+Goal (issue 10, B1): ours >= 1.05x the best peer and MFU >= 45%, losses equal. A peer that cannot be imported
+is reported as skipped. Figures go to benchmarks/results/train_throughput.json.
 
     HF_HUB_OFFLINE=1 python benchmarks/train_throughput.py --rounds 3 --steps 20 --batch-size 8 --seq-len 256
     python benchmarks/train_throughput.py --rounds 1 --steps 6 --batch-size 4 --seq-len 64 --model num_hidden_layers=2
@@ -34,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import lightning  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch import Callback, Trainer  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from torch.utils.data import DataLoader, default_collate  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, default_collate  # noqa: E402
 
 from lifecycle.data.tokenizer import train_bpe  # noqa: E402
 from lifecycle.hardware import measure_peak_flops, model_flops_per_token  # noqa: E402
@@ -45,7 +49,11 @@ from lifecycle.training.datamodule import Windows  # noqa: E402
 from lifecycle.training.module import IGNORE, CausalLM, weight_decay_groups  # noqa: E402
 from lifecycle.training.schedule import warmup_cosine  # noqa: E402
 
-OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+OPTIMIZER_CONF = OmegaConf.load(ROOT / "conf/optimizer/adamw.yaml")
+# The hyperparameters every peer uses; implementation flags (fused, foreach) are each tool's own default.
+HPARAMS = {"lr": OPTIMIZER_CONF.lr, "weight_decay": OPTIMIZER_CONF.weight_decay,
+           "betas": tuple(OPTIMIZER_CONF.betas), "eps": OPTIMIZER_CONF.eps}
+PEERS = ("raw", "hf_trainer", "lightning")
 
 
 def make_batches(args) -> tuple[list[dict[str, torch.Tensor]], dict]:
@@ -85,6 +93,10 @@ def scheduler_partial(args):
                              min_lr_ratio=0.1)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
 class StepTimer(Callback):
     """perf_counter at the end of every optimizer step (data fetch, hooks and logging included) and its loss."""
 
@@ -99,31 +111,32 @@ class StepTimer(Callback):
         self.ends.append(time.perf_counter())
 
 
+def lightning_trainer(args, callbacks: list) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+
+
 def run_ours(args, batches, ids) -> tuple[list[float], list[float]]:
-    module = CausalLM(build_model(args, ids), OPTIMIZER, scheduler_partial(args))
+    module = CausalLM(build_model(args, ids), instantiate(OPTIMIZER_CONF), scheduler_partial(args))
     timer = StepTimer()
     # The stage's own per-step accounting (tokens/s, MFU, metrics.jsonl) is part of "our step" and is timed too.
     history = Path(tempfile.mkdtemp()) / "metrics.jsonl"
     throughput = Throughput(args.flops_per_token, args.peak_flops, history)
-    trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
-                      callbacks=[timer, throughput])
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    lightning_trainer(args, [timer, throughput]).fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.ends, timer.losses
 
 
 def run_raw(args, batches, ids) -> tuple[list[float], list[float]]:
     model = build_model(args, ids)
     model.train()
-    optimizer = OPTIMIZER(params=weight_decay_groups(model, OPTIMIZER.keywords["weight_decay"]))
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, HPARAMS["weight_decay"]), **HPARAMS)
     scheduler = scheduler_partial(args)(optimizer=optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # the order Lightning clips in
     ends, losses = [time.perf_counter()], []
     for batch in DataLoader(batches, batch_size=None):
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE)
+        loss = cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -133,9 +146,95 @@ def run_raw(args, batches, ids) -> tuple[list[float], list[float]]:
     return ends, losses
 
 
+class PlainLM(LightningModule):
+    """The LightningModule a user writes around a transformers model: loss, AdamW, a per-step schedule."""
+
+    def __init__(self, model: torch.nn.Module, scheduler):
+        super().__init__()
+        self.model, self.scheduler = model, scheduler
+
+    def training_step(self, batch, batch_idx):
+        return cross_entropy(self.model(input_ids=batch["input_ids"]).logits, batch["labels"])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(weight_decay_groups(self.model, HPARAMS["weight_decay"]), **HPARAMS)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer=optimizer),
+                                                         "interval": "step"}}
+
+
+def run_lightning(args, batches, ids) -> tuple[list[float], list[float]]:
+    timer = StepTimer()
+    lightning_trainer(args, [timer]).fit(PlainLM(build_model(args, ids), scheduler_partial(args)),
+                                         train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.ends, timer.losses
+
+
+class Samples(IterableDataset):
+    """The same windows in the same order (HF Trainer samples a map-style dataset at random)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]):
+        self.batches = batches
+
+    def __iter__(self):
+        for batch in self.batches:
+            for i in range(len(batch["input_ids"])):
+                yield {k: v[i] for k, v in batch.items()}
+
+
+def run_hf_trainer(args, batches, ids) -> tuple[list[float], list[float]]:
+    import transformers
+
+    class SameGroupsAndSchedule(transformers.Trainer):
+        # Our decay groups (HF also decays embeddings) and our warm-up (HF's starts at lr 0), for equal losses.
+        def get_decay_parameter_names(self, model):
+            decay = {id(p) for p in weight_decay_groups(model, 0.0)[0]["params"]}
+            return [n for n, p in model.named_parameters() if id(p) in decay]
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = scheduler_partial(args)(optimizer=optimizer or self.optimizer)
+            return self.lr_scheduler
+
+    class Timer(transformers.TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        loss = cross_entropy(outputs.logits, labels)
+        losses.append(loss.item())
+        return loss
+
+    ends, losses = [], []
+    targs = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=HPARAMS["lr"], weight_decay=HPARAMS["weight_decay"], adam_beta1=HPARAMS["betas"][0],
+        adam_beta2=HPARAMS["betas"][1], adam_epsilon=HPARAMS["eps"], max_grad_norm=1.0, seed=args.seed,
+        use_cpu=True, report_to="none", logging_steps=10**9, save_strategy="no", eval_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = SameGroupsAndSchedule(model=build_model(args, ids), args=targs, train_dataset=Samples(batches),
+                                    compute_loss_func=loss_fn, callbacks=[Timer()])
+    trainer.train()
+    return ends, losses
+
+
 def tokens_per_s(ends: list[float], args) -> float:
     steps = len(ends) - 1 - args.warmup
     return steps * args.batch_size * args.seq_len / (ends[-1] - ends[args.warmup])
+
+
+def available_peers() -> tuple[dict, dict]:
+    runners, skipped = {"ours": run_ours, "raw": run_raw, "lightning": run_lightning}, {}
+    try:
+        import transformers  # noqa: F401
+        from transformers import Trainer as _  # noqa: F401  (needs accelerate)
+        runners["hf_trainer"] = run_hf_trainer
+    except ImportError as e:
+        skipped["hf_trainer"] = str(e).splitlines()[0]
+    order = ["ours", *[p for p in PEERS if p in runners]]
+    return {k: runners[k] for k in order}, skipped
 
 
 def main() -> None:
@@ -158,6 +257,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|validation_step|LeafSpec).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
     batches, ids = make_batches(args)
     probe = build_model(args, ids)
@@ -165,37 +265,52 @@ def main() -> None:
     del probe
     peak = measure_peak_flops(torch.device("cpu"))
     args.flops_per_token, args.peak_flops = fpt, peak
-    runs = {"ours": [], "raw": []}
+    runners, skipped = available_peers()
+    runs = {name: [] for name in runners}
     for r in range(args.rounds):
-        for name, fn in (("ours", run_ours), ("raw", run_raw)):
+        for name, fn in runners.items():
             gc.collect()
             ends, losses = fn(args, batches, ids)
+            if len(ends) != args.steps + 1 or len(losses) != args.steps:
+                raise SystemExit(f"{name}: {len(ends) - 1} step times and {len(losses)} losses for {args.steps}")
             runs[name].append({"tokens_per_s": tokens_per_s(ends, args), "losses": losses})
-            print(f"round {r + 1}/{args.rounds} {name:>4}: {runs[name][-1]['tokens_per_s']:9.1f} tokens/s")
+            print(f"round {r + 1}/{args.rounds} {name:>10}: {runs[name][-1]['tokens_per_s']:9.1f} tokens/s",
+                  flush=True)
 
     tps = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in runs.items()}
     mfu = {k: v * fpt / peak for k, v in tps.items()}
-    pairs = [(a, b) for o, w in zip(runs["ours"], runs["raw"]) for a, b in zip(o["losses"], w["losses"])]
-    max_diff = max(abs(a - b) for a, b in pairs)
+    peers = [k for k in runs if k != "ours"]
+    best = max(peers, key=tps.get)
+    ratio = tps["ours"] / tps[best]
     first = min(10, args.steps)
-    diff10 = max(abs(a - b) for a, b in zip(runs["ours"][0]["losses"][:first], runs["raw"][0]["losses"][:first]))
-    ratio = tps["ours"] / tps["raw"]
+    ours0 = runs["ours"][0]["losses"]
+    diff10 = {k: max(abs(a - b) for a, b in zip(ours0[:first], runs[k][0]["losses"][:first])) for k in peers}
+    diff_all = {k: max(abs(a - b) for o, w in zip(runs["ours"], runs[k]) for a, b in zip(o["losses"], w["losses"]))
+                for k in peers}
 
     print(f"\nmodel {n_params / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token; B={args.batch_size} "
           f"T={args.seq_len}, {args.threads} threads; GEMM peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'':>14} {'ours':>12} {'raw':>12}")
-    print(f"{'tokens/s':>14} {tps['ours']:12.1f} {tps['raw']:12.1f}")
-    print(f"{'MFU':>14} {mfu['ours']:12.2%} {mfu['raw']:12.2%}")
+    names = list(runs)
+    print(f"{'':>14}" + "".join(f"{k:>12}" for k in names))
+    print(f"{'tokens/s':>14}" + "".join(f"{tps[k]:12.1f}" for k in names))
+    print(f"{'MFU':>14}" + "".join(f"{mfu[k]:12.2%}" for k in names))
+    print(f"{'ours / peer':>14}" + "".join(f"{tps['ours'] / tps[k]:12.3f}" for k in names))
     for i in range(first):
-        print(f"{f'loss step {i}':>14} {runs['ours'][0]['losses'][i]:12.6f} {runs['raw'][0]['losses'][i]:12.6f}")
-    print(f"ratio ours/raw {ratio:.3f} (goal >= 0.95); max |loss diff| first {first} steps {diff10:.3g}, "
-          f"all steps {max_diff:.3g}")
+        print(f"{f'loss step {i}':>14}" + "".join(f"{runs[k][0]['losses'][i]:12.6f}" for k in names))
+    print(f"{'max |diff| 10':>14}{'':>12}" + "".join(f"{diff10[k]:12.3g}" for k in peers))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    print(f"ratio ours / best peer ({best}) {ratio:.3f} (goal >= 1.05); MFU ours {mfu['ours']:.1%} (goal >= 45%)")
 
+    import transformers
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+              "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
+                           "transformers": transformers.__version__},
               "n_params": n_params, "flops_per_token": fpt, "peak_flops": peak,
-              "tokens_per_s": tps, "mfu": mfu, "ratio": ratio, "max_abs_loss_diff_first10": diff10,
-              "max_abs_loss_diff": max_diff, "rounds": runs}
+              "tokens_per_s": tps, "mfu": mfu, "best_peer": best, "ratio": ratio,
+              "ratios": {k: tps["ours"] / tps[k] for k in peers}, "goal": {"ratio": 1.05, "mfu": 0.45},
+              "max_abs_loss_diff_first10": diff10, "max_abs_loss_diff": diff_all, "skipped": skipped,
+              "rounds": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
