@@ -24,8 +24,8 @@ torch.ao, >= 1x q8_0. Figures go to benchmarks/results/decode_peers[-124m][-int8
 llama.cpp's venv and source tree (the GGUF converter ships only there; building the wheel takes ~13 min on 2 cores):
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llsrc && tar xzf /tmp/llsrc/*.tar.gz -C /tmp/llsrc
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
-        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/benchvenv/bin/pip install "/tmp/llsrc/llama_cpp_python-*.tar.gz[server]" \
-        transformers sentencepiece pyyaml
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/benchvenv/bin/pip install \
+        "/tmp/llsrc/llama_cpp_python-*.tar.gz[server]" transformers sentencepiece pyyaml
 (A GGML_NATIVE=ON build uses this CPU's AMX-INT8 tiles and segfaulted on every q8_0 evaluation of our models here;
 f32 ran. Hence AMX off: q8_0 then runs on AVX512-VNNI.)
 """
