@@ -105,6 +105,11 @@ def test_bfloat16_steps_equal_the_hf_forward(tokenizer):
     assert lockstep(fast, slow, 12)[0] < 1e-5  # HF's half-precision norm reproduced: the same roundings
 
 
+def _compiled(model):
+    model.compile()  # an optimize `compile` variant: compiles at the first call, so nothing is compiled here
+    return model
+
+
 @pytest.mark.parametrize("change, reason", [
     (lambda m: GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4)), "gpt2"),
     (lambda m: LlamaForCausalLM(LlamaConfig(**DIMS, rope_parameters={"rope_type": "linear", "factor": 2.0,
@@ -113,6 +118,7 @@ def test_bfloat16_steps_equal_the_hf_forward(tokenizer):
     (lambda m: MistralForCausalLM(MistralConfig(**DIMS, sliding_window=32)), "sliding-window"),
     (lambda m: Qwen2ForCausalLM(Qwen2Config(**DIMS, use_sliding_window=True, sliding_window=32,
                                             max_window_layers=1)), "sliding-window"),
+    (lambda m: _compiled(LlamaForCausalLM(LlamaConfig(**DIMS))), "compiled"),
 ])
 def test_unsupported_models_keep_the_hf_forward(change, reason, tokenizer):
     model = change(None).eval()
