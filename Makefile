@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # W&B goes online by itself when WANDB_API_KEY is set; the tests force offline mode and no hub access.
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup prometheus demo smoke test test-slow bench clean
+.PHONY: setup prometheus demo smoke test test-slow bench bench-peers clean
 
 $(BIN)/lifecycle: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,22 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The benchmarks' peers, in their own venv (never project dependencies): datatrove (+ spacy, ftfy) and
+# llama-cpp-python built from source (~13 min on 2 cores), whose source tree also holds the HF -> GGUF converter.
+# AMX is off: a native build segfaulted on q8_0 on this AMX-INT8 CPU (benchmarks/decode_peers.py).
+BENCH_VENV ?= .benchvenv
+LLAMA_CPP_PYTHON ?= 0.3.36
+bench-peers:
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 datatrove spacy regex tokenizers orjson "xxhash<4" ftfy \
+	  transformers==5.24.0 sentencepiece pyyaml
+	$(BENCH_VENV)/bin/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(BENCH_VENV)/src
+	tar xzf $(BENCH_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(BENCH_VENV)/src
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	  -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+	  $(BENCH_VENV)/bin/pip install "$(BENCH_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz[server]"
 
 clean:
 	rm -rf outputs multirun .pytest_cache

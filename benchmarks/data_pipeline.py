@@ -20,14 +20,12 @@ Goal: ours >= 1x the fastest peer's MB/s per core with recall within 1 point, li
 (`ours`, `ours-1p`) against `datatrove-chain`, deduplication alone (`ours-dedup*`) against datasketch and datatrove.
 Figures go to benchmarks/results/data_pipeline.json.
 
+    make bench-peers      # datatrove's venv, .benchvenv (0.10.1 also needs extras; xxhash 4 rejects its str input)
     python benchmarks/data_pipeline.py --mb 8 --rounds 2
-    # datatrove's venv (0.10.1 also needs these extras; xxhash 4 rejects its str input):
-    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch==2.13.0 datatrove spacy regex tokenizers \
-        orjson "xxhash<4" ftfy
 """
 from __future__ import annotations
 
-# Only the standard library at module level: datatrove's workers re-import this file inside /tmp/benchvenv.
+# Only the standard library at module level: datatrove's workers re-import this file inside .benchvenv.
 import argparse
 import json
 import os
@@ -238,7 +236,7 @@ def run_datatrove(docs: list[dict], dedup_cfg, workers: int, python: Path, chain
 
 
 def datatrove_main(tmp: str, workers: int, shingle: int, bands: int, rows: int, seed: int, chain: bool) -> None:
-    """Inside /tmp/benchvenv: (with `chain`, datatrove's cleaning and filters, then) its 4 MinHash stages over
+    """Inside .benchvenv: (with `chain`, datatrove's cleaning and filters, then) its 4 MinHash stages over
     tmp/corpus; writes tmp/result.json with the wall seconds, the ids removed as duplicates and dropped by filters."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (
@@ -357,7 +355,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dedup", nargs="*", default=[], help="conf/dedup/minhash.yaml overrides: threshold=0.8")
-    parser.add_argument("--datatrove-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    parser.add_argument("--datatrove-python", type=Path, default=ROOT / ".benchvenv/bin/python")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "data_pipeline.json")
     parser.add_argument("--datatrove-run", help=argparse.SUPPRESS)  # internal: the datatrove side, in its venv
     parser.add_argument("--shingle", type=int, help=argparse.SUPPRESS)

@@ -21,13 +21,9 @@ torch.ao, >= 1x q8_0. Figures go to benchmarks/results/decode_peers[-124m][-int8
     python benchmarks/decode_peers.py                       # B2, tiny model
     python benchmarks/decode_peers.py --size 124m --prompts 8 --new-tokens 64
     python benchmarks/decode_peers.py --int8
-llama.cpp's venv and source tree (the GGUF converter ships only there; building the wheel takes ~13 min on 2 cores):
-    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llsrc && tar xzf /tmp/llsrc/*.tar.gz -C /tmp/llsrc
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
-        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" /tmp/benchvenv/bin/pip install \
-        "/tmp/llsrc/llama_cpp_python-*.tar.gz[server]" transformers sentencepiece pyyaml
+llama.cpp's venv and source tree (the GGUF converter ships only there): `make bench-peers`, ~13 min on 2 cores.
 (A GGML_NATIVE=ON build uses this CPU's AMX-INT8 tiles and segfaulted on every q8_0 evaluation of our models here;
-f32 ran. Hence AMX off: q8_0 then runs on AVX512-VNNI.)
+f32 ran. The Makefile builds with AMX off: q8_0 then runs on AVX512-VNNI.)
 """
 from __future__ import annotations
 
@@ -43,8 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_SRC = next(iter(sorted(Path("/tmp/llsrc").glob("llama_cpp_python-*/vendor/llama.cpp"))), None) \
-    if Path("/tmp/llsrc").is_dir() else None
+PEERS = ROOT / ".benchvenv"  # `make bench-peers`
+LLAMA_SRC = next(iter(sorted((PEERS / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))), None)
 
 
 # ---- llama.cpp side (runs inside --peer-python's venv) ------------------------------------------------------------
@@ -189,7 +185,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ppl-windows", type=int, default=16)
-    p.add_argument("--peer-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    p.add_argument("--peer-python", type=Path, default=PEERS / "bin/python")
     p.add_argument("--no-compile", action="store_true", help="skip HF static cache + torch.compile")
     p.add_argument("--out", type=Path)
     p.add_argument("--llama-run", type=Path, help=argparse.SUPPRESS)
@@ -208,7 +204,7 @@ def main() -> None:
     skipped: dict[str, str] = {}
     llama_ok = args.peer_python.exists() and LLAMA_SRC is not None
     if not llama_ok:
-        skipped["llama_cpp"] = f"no {args.peer_python} or llama.cpp source tree under /tmp/llsrc (see the docstring)"
+        skipped["llama_cpp"] = f"no {args.peer_python} or llama.cpp source under {PEERS / 'src'}: make bench-peers"
     skipped["llama_cpp_b8"] = "llama-cpp-python has no batched generation"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--servers", nargs="+", default=["ours", "transformers_serve_cb", "hf_fastapi", "llama_cpp"])
     p.add_argument("--gguf", type=Path, default=Path("/tmp/gguf/model-f32.gguf"))
-    p.add_argument("--peer-python", type=Path, default=Path("/tmp/benchvenv/bin/python"))
+    p.add_argument("--peer-python", type=Path, default=ROOT / ".benchvenv/bin/python")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_sweep.json")
     args = p.parse_args()

@@ -5,8 +5,9 @@ tree, e.g. the llama-cpp-python sdist's vendor/llama.cpp). Our tokenizer is a by
 pre-tokenizer table does not list by hash; its pre-tokenization is GPT-2's, so the converter is told "gpt-2".
 Run it with a Python that has torch, transformers, numpy, sentencepiece and pyyaml (the peers' venv):
 
-    /tmp/benchvenv/bin/python benchmarks/peers/gguf.py outputs/pretrain/latest/model /tmp/gguf/model-f32.gguf \
-        --outtype f32 --llama-cpp /tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp
+    make bench-peers
+    .benchvenv/bin/python benchmarks/peers/gguf.py outputs/pretrain/latest/model /tmp/gguf/model-f32.gguf \
+        --outtype f32 --llama-cpp .benchvenv/src/llama_cpp_python-0.3.36/vendor/llama.cpp
 """
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ def build(model_dir: str) -> FastAPI:
         ids = tokenizer(body["prompt"], return_tensors="pt").input_ids
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
         temperature = float(body.get("temperature", 1.0))
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": body.get("max_tokens", 16),
-                  "streamer": streamer, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "max_new_tokens": body.get("max_tokens", 16), "streamer": streamer, "do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id}
         if temperature > 0:
             kwargs["temperature"] = temperature
 
