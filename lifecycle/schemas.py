@@ -48,6 +48,7 @@ class OptimizerSchema:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    fused: Optional[bool] = True
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")

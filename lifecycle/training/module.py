@@ -1,6 +1,7 @@
 """The one LightningModule for causal-LM training: pretraining and every fine-tuning strategy share it."""
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Callable
 
@@ -102,8 +103,12 @@ class CausalLM(LightningModule):
         self.log("val/ppl", self.val_ppl)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=weight_decay_groups(self.model,
-                                                                      self.optimizer_factory.keywords.get("weight_decay", 0.0)))
+        factory, keywords = self.optimizer_factory, self.optimizer_factory.keywords
+        if keywords.get("fused") and self.trainer.precision == "16-mixed" and self.trainer.gradient_clip_val:
+            # A fused step unscales the gradients itself, after Lightning must have clipped them: the GradScaler
+            # path needs the unfused optimizer (Lightning refuses the combination otherwise).
+            factory = functools.partial(factory, fused=False)
+        optimizer = factory(params=weight_decay_groups(self.model, keywords.get("weight_decay", 0.0)))
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
