@@ -9,19 +9,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lifecycle.errors import ConfigError, NonFiniteLossError
-
-IGNORE = -100
+from lifecycle.training.loss import IGNORE, linear_cross_entropy, plain_head
 
 
 class CausalLM(LightningModule):
     """Next-token cross-entropy on {"input_ids", "labels"} batches (labels already shifted, -100 ignored).
 
     With a `teacher`, training minimises distill_alpha·T²·KL(teacher_T ‖ model_T) + (1 - distill_alpha)·CE on
-    temperature-T-softened logits (Hinton et al., 2015); validation still reports plain cross-entropy.
+    temperature-T-softened logits (Hinton et al., 2015); validation still reports plain cross-entropy. Without one,
+    a model whose logits are a plain projection of its last hidden state trains on `linear_cross_entropy`, which
+    never materialises the full logits (same loss and gradients to float rounding).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
@@ -29,6 +31,8 @@ class CausalLM(LightningModule):
                  distill_temperature: float = 2.0, distill_alpha: float = 0.5):
         super().__init__()
         self.model, self.optimizer_factory, self.scheduler_factory = model, optimizer, scheduler
+        # (decoder, lm_head) in a tuple, so they are not registered twice (checkpoint keys stay model.*)
+        self._head = plain_head(model) if teacher is None else None
         # A frozen submodule so it follows the student across devices; its weights also ride in checkpoints.
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
@@ -64,10 +68,17 @@ class CausalLM(LightningModule):
             self.teacher.eval()  # Lightning switches the whole module to train mode; the teacher must not drop out
         return self
 
+    def train_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._head is None:
+            loss, logits = self.compute_loss(batch)
+            return loss if self.teacher is None else self.distill_loss(batch, logits, loss)
+        decoder, head = self._head
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                         use_cache=False).last_hidden_state                              # (B, T, H)
+        return linear_cross_entropy(hidden, head.weight, batch["labels"])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss, logits = self.compute_loss(batch)
-        if self.teacher is not None:
-            loss = self.distill_loss(batch, logits, loss)
+        loss = self.train_loss(batch)
         if not torch.isfinite(loss):
             return self._on_nonfinite(loss)
         self.skipped_in_a_row = 0
@@ -118,6 +129,10 @@ class CausalLM(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get("rng") if self.restore_rng else None
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            self._head = None  # lm_head.weight may be a shard outside lm_head's own forward there; untested
 
     def on_train_start(self) -> None:
         self.model.train()  # from_pretrained returns eval mode; dropout must be live while training

@@ -69,18 +69,18 @@ def test_continued_pretraining_from_a_local_hf_model(data_dir, tmp_path):
 
 
 def _nan_at(step):
-    original = CausalLM.compute_loss
+    original = CausalLM.train_loss
 
-    def compute_loss(self, batch):
-        loss, logits = original(self, batch)
-        return (loss * float("nan"), logits) if self.trainer.training and self.global_step == step else (loss, logits)
-    return compute_loss
+    def train_loss(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.global_step == step else loss
+    return train_loss
 
 
 def test_nonfinite_halt_names_step_and_keeps_latest(data_dir, tmp_path, monkeypatch):
     good = tmp_path / "pretrain" / "good"
     run(pretrain_cfg(good, data_dir, "trainer.max_steps=4"))
-    monkeypatch.setattr(CausalLM, "compute_loss", _nan_at(7))
+    monkeypatch.setattr(CausalLM, "train_loss", _nan_at(7))
     bad = tmp_path / "pretrain" / "bad"
     with pytest.raises(NonFiniteLossError, match=r"step 7: loss is nan.*step000005\.ckpt|step 7: loss is nan.*last"):
         run(pretrain_cfg(bad, data_dir, "trainer.max_steps=20", "train.ckpt_every_n_steps=5"))
@@ -100,7 +100,7 @@ def test_nonfinite_skip_leaves_parameters_unchanged(data_dir, tmp_path, monkeypa
             if trainer.global_step in (3, 4):
                 seen[trainer.global_step] = [p.detach().clone() for p in module.parameters()]
 
-    monkeypatch.setattr(CausalLM, "compute_loss", _nan_at(3))
+    monkeypatch.setattr(CausalLM, "train_loss", _nan_at(3))
     monkeypatch.setattr(CausalLM, "configure_callbacks", lambda self: [Spy()])
     metrics = run(pretrain_cfg(tmp_path / "pretrain" / "s", data_dir, "trainer.max_steps=6", "train.nonfinite=skip"))
     assert metrics["train/steps"] == 6

@@ -1,4 +1,5 @@
-"""CausalLM: the configured fused AdamW (unfused where a GradScaler must clip)."""
+"""CausalLM: the configured fused AdamW (unfused where a GradScaler must clip), and the training loss computed
+without the full logits, equal to the plain one."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lifecycle.training.module import CausalLM
+from lifecycle.models.build import gpt2, llama
+from lifecycle.training import loss
+from lifecycle.training.module import IGNORE, CausalLM
 from lifecycle.training.schedule import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,3 +49,43 @@ def test_fused_step_matches_the_loop_implementation():
     for a, b in zip(params["fused"], params["loop"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+
+def tiny_llama():
+    return llama(64, 2, 4, 4, 128, 256, 1e4, 0.0, True, vocab_size=300, bos_token_id=0, eos_token_id=0,
+                 pad_token_id=1)
+
+
+def tiny_gpt2():
+    return gpt2(64, 2, 4, 256, 0.0, True, vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_training_loss_without_full_logits_equals_the_plain_one(build, monkeypatch):
+    monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 16 * 4 * 300)  # 64 rows: several chunks and a ragged last one
+    torch.manual_seed(0)
+    model = build()
+    batch = {"input_ids": torch.randint(0, 300, (3, 40))}
+    batch["labels"] = torch.roll(batch["input_ids"], -1, 1)
+    batch["labels"][0, :7] = IGNORE  # a prompt that is not scored
+    fused, plain = tiny_module(model), tiny_module(model)
+    assert fused._head is not None  # the path without full logits applies to this architecture
+    plain._head = None
+    losses, grads = [], []
+    for module in (fused, plain):
+        model.zero_grad()
+        value = module.train_loss(batch)
+        value.backward()
+        losses.append(value.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_no_fused_loss_for_other_heads_or_a_teacher():
+    model = tiny_llama()
+    assert loss.plain_head(torch.nn.Linear(2, 2)) is None
+    assert tiny_module(model)._head is not None
+    assert CausalLM(model, None, None, teacher=tiny_llama())._head is None
+    model.config.model_type = "gemma2"  # soft-capped logits: not a plain projection
+    assert loss.plain_head(model) is None
