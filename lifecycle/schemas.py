@@ -125,6 +125,7 @@ class TrainSchema:
     max_skipped_steps: int = 5
     restore_rng: bool = True
     peak_flops: Optional[float] = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _require(self.ckpt_every_n_steps >= 1, "train.ckpt_every_n_steps", "must be >= 1")

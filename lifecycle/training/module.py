@@ -28,11 +28,13 @@ class CausalLM(LightningModule):
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
                  max_skipped_steps: int = 5, restore_rng: bool = True, teacher: torch.nn.Module | None = None,
-                 distill_temperature: float = 2.0, distill_alpha: float = 0.5):
+                 distill_temperature: float = 2.0, distill_alpha: float = 0.5, compile: bool = False):
         super().__init__()
         self.model, self.optimizer_factory, self.scheduler_factory = model, optimizer, scheduler
         # (decoder, lm_head) in a tuple, so they are not registered twice (checkpoint keys stay model.*)
         self._head = plain_head(model) if teacher is None else None
+        if compile:  # in place: parameter names, checkpoints and save_pretrained stay those of the eager model
+            (self._head[0] if self._head else self.model).compile()
         # A frozen submodule so it follows the student across devices; its weights also ride in checkpoints.
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha

@@ -17,7 +17,8 @@ def make_module(cfg: DictConfig, model, teacher=None, temperature: float = 2.0, 
     """The one LightningModule, with the configured optimizer, schedule and non-finite-loss policy (and a teacher
     to distill from, if given)."""
     return CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
-                    cfg.train.max_skipped_steps, cfg.train.restore_rng, teacher, temperature, alpha)
+                    cfg.train.max_skipped_steps, cfg.train.restore_rng, teacher, temperature, alpha,
+                    cfg.train.compile)
 
 
 def resume_path(cfg: DictConfig, stage: str, module: CausalLM) -> Path | None:

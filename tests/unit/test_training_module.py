@@ -59,7 +59,16 @@ def tiny_gpt2():
     return gpt2(64, 2, 4, 256, 0.0, True, vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def tiny_auto(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        model_type, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, *(functools.partial(tiny_auto, t)  # untied heads too
+                                                            for t in loss.PLAIN_HEAD_MODEL_TYPES if t != "gpt2")])
 def test_training_loss_without_full_logits_equals_the_plain_one(build, monkeypatch):
     monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 16 * 4 * 300)  # 64 rows: several chunks and a ragged last one
     torch.manual_seed(0)
@@ -89,3 +98,11 @@ def test_no_fused_loss_for_other_heads_or_a_teacher():
     assert CausalLM(model, None, None, teacher=tiny_llama())._head is None
     model.config.model_type = "gemma2"  # soft-capped logits: not a plain projection
     assert loss.plain_head(model) is None
+
+
+def test_compile_is_in_place_and_keeps_checkpoint_keys():
+    model = tiny_llama()
+    keys = list(CausalLM(model, None, None).state_dict())
+    module = CausalLM(model, None, None, compile=True)
+    assert model.model._compiled_call_impl is not None  # the decoder the training loss calls
+    assert list(module.state_dict()) == keys
