@@ -2,10 +2,11 @@
 
 B2 (default): fixed prompts (seeded token ids, 8-64 tokens), greedy, --new-tokens each, on the trained tiny model
 (outputs/pretrain/latest/model) or, with --size 124m, a randomly initialised Llama of GPT-2-small size (12 x 768,
-3072 MLP, the tiny model's 8,192 vocab: ~120M parameters) where the matmuls, not Python, dominate. Runs, one after
-another in one process (llama.cpp in a child process of --peer-python's venv, on the same weights as GGUF f32):
+3072 MLP, the tiny model's 8,192 vocab: ~120M parameters) where the matmuls, not Python, dominate. The runs take
+turns over the prompts (2 a turn at batch 1, 8 batched), the order rotated each turn, so load changes fall on all
+alike (llama.cpp in a child process of --peer-python's venv, on the same weights as GGUF f32):
   hf_eager_b1, hf_compile_b1   HF generate() eager; with cache_implementation="static" and torch.compile'd forward
-                               (its compile warm-up is timed apart, on two prompts first)
+                               (its compile warm-up, one pass over every prompt, is timed apart)
   engine_b1, engine_c8         our LocalEngine, one request at a time; 8 concurrent clients
   hf_eager_b8                  HF generate() on left-padded batches of 8
   llama_cpp_b1                 llama-cpp-python's generate() (greedy), the KV cache reset per prompt
@@ -156,24 +157,30 @@ def hf_compiled(model):
     return model
 
 
-async def ours(directory: Path, prompts, new_tokens: int, threads: int, concurrency: int) -> dict:
-    from serve_engine import engine_run
+def llama_part(gguf: Path, args, prompts, eos: int) -> dict:
+    """One turn of llama.cpp (a child process; its own timing excludes loading the model)."""
+    from serve_engine import until_eos
+    result = run_llama(gguf, args.peer_python, args.threads, prompts=prompts, new_tokens=args.new_tokens)["decode"]
+    return {"outputs": [until_eos(o, eos) for o in result["outputs"]], "seconds": result["seconds"],
+            "ttft": result["ttft"]}
+
+
+async def take_turns(engine_dir: Path, args, prompts, b1: dict, batched: dict, prefix: str = "engine") -> dict:
+    """Our engine on engine_dir beside the peers' runners, taking turns over the prompts (serve_engine's
+    taking_turns): batch 1 two prompts a turn, then `concurrency` concurrent (ours) or batched (peers)."""
+    from serve_engine import engine_run, taking_turns
 
     from lifecycle.serve.engine import LocalEngine
-    engine = LocalEngine(str(directory), max_batch_size=concurrency, max_queue=len(prompts), threads=threads)
+    c, n = args.concurrency, args.new_tokens
+    engine = LocalEngine(str(engine_dir), max_batch_size=c, max_queue=len(prompts), threads=args.threads)
     await engine.start()
     try:
         await engine_run(engine, prompts[:2], 4, 1)  # warm-up
-        return {"engine_b1": await engine_run(engine, prompts, new_tokens, 1),
-                f"engine_c{concurrency}": await engine_run(engine, prompts, new_tokens, concurrency)}
+        runs = await taking_turns({f"{prefix}_b1": lambda p: engine_run(engine, p, n, 1), **b1}, prompts, 2)
+        runs |= await taking_turns({f"{prefix}_c{c}": lambda p: engine_run(engine, p, n, c), **batched}, prompts, c)
     finally:
         await engine.stop()
-
-
-def llama_decode(gguf: Path, args, prompts, eos: int) -> dict:
-    from serve_engine import summary, until_eos
-    result = run_llama(gguf, args.peer_python, args.threads, prompts=prompts, new_tokens=args.new_tokens)["decode"]
-    return summary([until_eos(o, eos) for o in result["outputs"]], result["seconds"], result["ttft"])
+    return runs
 
 
 def main() -> None:
@@ -216,24 +223,26 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         prompts = fixed_prompts(args.prompts, len(tokenizer))
         pad, eos = tokenizer.pad_token_id or 0, tokenizer.eos_token_id
-        runs, ppl, warmup = {}, {}, {}
+        ppl, warmup = {}, {}
+        c, n = args.concurrency, args.new_tokens
         if not args.int8:
             hf_run(model, prompts[:2], 4, 1, pad, eos)
-            runs["hf_eager_b1"] = hf_run(model, prompts, args.new_tokens, 1, pad, eos)
-            runs.update(asyncio.run(ours(directory, prompts, args.new_tokens, args.threads, args.concurrency)))
-            runs[f"hf_eager_b{args.concurrency}"] = hf_run(model, prompts, args.new_tokens, args.concurrency, pad, eos)
+            b1 = {"hf_eager_b1": lambda p: hf_run(model, p, n, 1, pad, eos)}
             if llama_ok:
                 try:
                     gguf = convert(directory, tmp / "f32.gguf", "f32", args.peer_python)
-                    runs["llama_cpp_b1"] = llama_decode(gguf, args, prompts, eos)
+                    llama_part(gguf, args, prompts[:1], eos)  # fails here, not mid-run, if it cannot run
+                    b1["llama_cpp_b1"] = lambda p: llama_part(gguf, args, p, eos)
                 except RuntimeError as e:  # reported, not a win
                     skipped["llama_cpp"] = str(e)[:300]
             if not args.no_compile:
                 compiled = hf_compiled(load_model(directory)[0].eval())
                 started = time.perf_counter()
-                hf_run(compiled, prompts[:2], args.new_tokens, 1, pad, eos)
+                hf_run(compiled, prompts, n, 1, pad, eos)  # every prompt length once: compiled before timing
                 warmup["hf_compile_b1"] = round(time.perf_counter() - started, 1)
-                runs["hf_compile_b1"] = hf_run(compiled, prompts, args.new_tokens, 1, pad, eos)
+                b1["hf_compile_b1"] = lambda p: hf_run(compiled, p, n, 1, pad, eos)
+            runs = asyncio.run(take_turns(directory, args, prompts, b1,
+                                          {f"hf_eager_b{c}": lambda p: hf_run(model, p, n, c, pad, eos)}))
             reference = "hf_eager_b1"
         else:
             from lifecycle.models import int8
@@ -241,28 +250,27 @@ def main() -> None:
             windows = heldout_windows(tokenizer, args.ppl_windows, 256)
             ppl["fp32"] = perplexity(model, windows)
             hf_run(model, prompts[:2], 4, 1, pad, eos)
-            runs["fp32_hf_eager_b1"] = hf_run(model, prompts, args.new_tokens, 1, pad, eos)
             quantized = int8.quantize(load_model(directory)[0].eval())
             ours_dir = save(quantized, tokenizer, tmp / "ours-int8", "int8", [], {})
             ppl["ours_int8"] = perplexity(load_model(ours_dir)[0].eval(), windows)
-            runs.update({f"ours_int8_{k.removeprefix('engine_')}": v for k, v in asyncio.run(
-                ours(ours_dir, prompts, args.new_tokens, args.threads, args.concurrency)).items()})
             ao = torch.ao.quantization.quantize_dynamic(load_model(directory)[0].eval(), {torch.nn.Linear},
                                                         dtype=torch.qint8)
             ppl["torch_ao_int8"] = perplexity(ao, windows)
             hf_run(ao, prompts[:2], 4, 1, pad, eos)
-            runs["torch_ao_int8_hf_b1"] = hf_run(ao, prompts, args.new_tokens, 1, pad, eos)
-            runs[f"torch_ao_int8_hf_b{args.concurrency}"] = hf_run(ao, prompts, args.new_tokens, args.concurrency,
-                                                                   pad, eos)
+            b1 = {"fp32_hf_eager_b1": lambda p: hf_run(model, p, n, 1, pad, eos),
+                  "torch_ao_int8_hf_b1": lambda p: hf_run(ao, p, n, 1, pad, eos)}
             if llama_ok:
                 try:
                     for outtype in ("f32", "q8_0"):
                         gguf = convert(directory, tmp / f"{outtype}.gguf", outtype, args.peer_python)
                         ppl[f"llama_cpp_{outtype}"] = run_llama(gguf, args.peer_python, args.threads,
                                                                 ppl=windows)["ppl"]
-                    runs["llama_cpp_q8_0_b1"] = llama_decode(gguf, args, prompts, eos)
+                    b1["llama_cpp_q8_0_b1"] = lambda p: llama_part(gguf, args, p, eos)
                 except RuntimeError as e:  # reported, not a win
                     skipped["llama_cpp_q8_0"] = str(e)[:300]
+            runs = asyncio.run(take_turns(ours_dir, args, prompts, b1,
+                                          {f"torch_ao_int8_hf_b{c}": lambda p: hf_run(ao, p, n, c, pad, eos)},
+                                          prefix="ours_int8"))
             reference = "fp32_hf_eager_b1"
     report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path)
 
