@@ -3,7 +3,8 @@
 All four train the same tiny Llama (conf/model/tiny_llama.yaml, same seed -> identical init) on the same fixed
 batches of BPE-tokenised stdlib source in the same order, with the AdamW hyperparameters of conf/optimizer/adamw.yaml,
 the same warm-up/cosine schedule, gradient clipping at 1.0 and fp32, in alternating rounds in one process (ours,
-raw, hf_trainer, lightning, ours, ...), each round from a fresh model. Ours is the stage's module as configured
+raw, hf_trainer, lightning; then raw, hf_trainer, lightning, ours; ...: the order rotates so that no one always runs
+first), each round from a fresh model. Ours is the stage's module as configured
 (conf/optimizer/adamw.yaml instantiated as is); each peer is what its users write: `torch.optim.AdamW(...)` and
 F.cross_entropy on the logits for raw and plain Lightning (a LightningModule with training_step and
 configure_optimizers, nothing logged), `transformers.Trainer` with TrainingArguments' default `optim`, our decay
@@ -297,7 +298,9 @@ def main() -> None:
     for r in range(args.rounds):
         if r:
             peaks.append(measure_peak_flops(torch.device("cpu")))
-        for name, fn in runners.items():
+        order = list(runners)[r % len(runners):] + list(runners)[:r % len(runners)]  # rotated: no one always first
+        for name in order:
+            fn = runners[name]
             gc.collect()
             ends, losses = fn(args, batches, ids)
             if len(ends) != args.steps + 1 or len(losses) != args.steps:
