@@ -117,7 +117,8 @@ def big_model(tmp: Path, tokenizer_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     model = llama(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                  intermediate_size=3072, max_position_embeddings=1024, vocab_size=len(tokenizer),
+                  intermediate_size=3072, max_position_embeddings=1024, rope_theta=10000.0, attention_dropout=0.0,
+                  tie_word_embeddings=True, vocab_size=len(tokenizer),
                   bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(tmp / "model-124m")
