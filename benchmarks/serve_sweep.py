@@ -10,7 +10,8 @@ swept after two rates that miss the SLO (the load is bounded). Peers, each skipp
   transformers_serve_cb  `transformers serve --continuous-batching`
   hf_fastapi             benchmarks/peers/hf_fastapi_server.py: FastAPI + HF generate(), one thread per request
   llama_cpp              `python -m llama_cpp.server` (llama-cpp-python, in --peer-python's venv) on the model
-                         converted to GGUF f32 by benchmarks/peers/gguf.py
+                         converted to GGUF f32 by benchmarks/peers/gguf.py; one request at a time, queued
+                         (--interrupt_requests False: by default a new request cuts the running one short)
 Output tokens are counted from the usage chunk when a server sends one, else by tokenizing the streamed text.
 Figures go to benchmarks/results/serve_sweep.json.
 
@@ -56,7 +57,7 @@ def start_llama_cpp(gguf: Path, python: Path, threads: int, ctx: int) -> tuple[s
     port = free_port()
     proc = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                              "--port", str(port), "--n_threads", str(threads), "--n_ctx", str(ctx),
-                             "--model_alias", "gguf"],
+                             "--model_alias", "gguf", "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "/v1/models", 180)
