@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve_load import free_port, start_ours, start_peer, stop, wait_ready  # noqa: E402
 
+from lifecycle.serve.check import stream_completion  # noqa: E402  (the pipeline self-check's client)
+
 
 def start_hf_fastapi(model: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
@@ -77,28 +79,16 @@ def prompts(tokenizer, n: int, length: int, seed: int) -> list[str]:
 
 
 async def one(client, model: str, prompt: str, max_tokens: int, count) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    started, first, last, usage, text, status = time.perf_counter(), None, None, 0, [], 0
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            status = response.status_code
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    last = time.perf_counter()
-                    first = first or last
-                    text.append(chunk["choices"][0]["text"])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]["completion_tokens"]
+        r = await stream_completion(client, body)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return {"ok": False, "error": type(e).__name__}
-    tokens = usage or count("".join(text))
-    return {"ok": status == 200 and first is not None, "status": status, "ttft": (first or started) - started,
-            "tpot": (last - first) / (tokens - 1) if first and tokens > 1 else None, "tokens": tokens,
-            "end": time.perf_counter()}
+    first, last = r["first"], r["last"]
+    tokens = r["usage_tokens"] or count(r["text"])
+    return {"ok": r["status"] == 200 and first is not None, "status": r["status"],
+            "ttft": (first or r["started"]) - r["started"],
+            "tpot": (last - first) / (tokens - 1) if first and tokens > 1 else None, "tokens": tokens, "end": r["end"]}
 
 
 async def level(url: str, key: str, model: str, texts: list[str], gaps: list[float], max_tokens: int, count,

@@ -29,23 +29,32 @@ async def self_check(url: str, key: str, model: str, requests: int, concurrency:
 
 
 async def _stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
-    started, first, tokens, chunks, status = time.perf_counter(), None, 0, 0, 0
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed}
+    r = await stream_completion(client, body)
+    # A server that sends no usage chunk is counted one token per text chunk (OpenAI streams one token per chunk).
+    return {"status": r["status"], "latency": r["end"] - r["started"], "ttft": (r["first"] or r["end"]) - r["started"],
+            "tokens": r["usage_tokens"] or r["chunks"]}
+
+
+async def stream_completion(client: httpx.AsyncClient, body: dict) -> dict:
+    """POST a streaming /v1/completions (usage requested) and time it as a client sees it: the status, the
+    perf_counter times of the start, first and last text chunk and the end, the text, its chunks and the usage
+    chunk's completion_tokens (0 when the server sends none). Also used by benchmarks/serve_sweep.py."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, last, usage, text = time.perf_counter(), None, None, 0, []
     async with client.stream("POST", "/v1/completions", json=body) as response:
-        status = response.status_code
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0].get("text"):
-                chunks += 1
-                first = first or time.perf_counter()
+                last = time.perf_counter()
+                first = first or last
+                text.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    # A server that sends no usage chunk is counted one token per text chunk (OpenAI streams one token per chunk).
-    return {"status": status, "latency": end - started, "ttft": (first or end) - started, "tokens": tokens or chunks}
+                usage = chunk["usage"]["completion_tokens"]
+    return {"status": response.status_code, "started": started, "first": first, "last": last,
+            "end": time.perf_counter(), "text": "".join(text), "chunks": len(text), "usage_tokens": usage}
 
 
 def _figures(results: list[dict], wall: float, concurrency: int) -> dict:
