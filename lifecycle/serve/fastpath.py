@@ -17,6 +17,7 @@ and mlp_bias) are fused with their weights. Anything else is refused (build retu
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Callable
 
@@ -26,10 +27,18 @@ from torch import nn
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
+log = logging.getLogger(__name__)
+
 
 def build(model) -> FastDecoder | None:
-    """The fast decode step for `model`, or None where `unsupported(model)` gives a reason."""
-    return None if unsupported(model) else FastDecoder(model)
+    """The fast decode step for `model`, or None where `unsupported(model)` gives a reason (logged either way)."""
+    reason = unsupported(model)
+    if reason:
+        log.info("decode: the HF forward (no fast path for %s)", reason)
+        return None
+    log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
+             model.config.num_hidden_layers)
+    return FastDecoder(model)
 
 
 def unsupported(model) -> str | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lifecycle.errors import CheckpointError
+from lifecycle.serve import fastpath
 from lifecycle.serve.batch import Batch
 from lifecycle.serve.protocol import EngineError, ModelNotFound
 from lifecycle.serve.sampler import TokenTexts
@@ -30,7 +31,7 @@ class ServedModel:
         self.eos = _eos_ids(model, tokenizer)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.fast = _fast_decoder(model) if fast_decode else None  # the base's decode steps; adapters use HF's
+        self.fast = fastpath.build(model) if fast_decode else None  # the base's decode steps; adapters use HF's
         if not fast_decode:
             log.info("decode: the HF forward (fast_decode is off)")
 
@@ -68,7 +69,7 @@ class ServedModel:
     def _fast(self):
         """The fast decode step (None: the HF forward), fused again if a weight was replaced since (a dtype change)."""
         if self.fast is not None and self.fast.stale():
-            self.fast = _fast_decoder(self.lm)
+            self.fast = fastpath.build(self.lm)
         return self.fast
 
     def select(self, name: str) -> None:
@@ -119,19 +120,6 @@ class ServedModel:
             self.select(self.base_name)
         else:
             self.lm, self.wrapper, self.tuner, self.active = self.tuner.unload(), None, None, None
-
-
-def _fast_decoder(model):
-    """The fast decode step where the model's family allows it (logged either way), else None."""
-    from lifecycle.serve import fastpath
-
-    reason = fastpath.unsupported(model)
-    if reason:
-        log.info("decode: the HF forward (no fast path for %s)", reason)
-        return None
-    log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
-             model.config.num_hidden_layers)
-    return fastpath.FastDecoder(model)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
