@@ -167,20 +167,18 @@ def llama_part(gguf: Path, args, prompts, eos: int) -> dict:
 
 
 async def take_turns(engine_dir: Path, args, prompts, b1: dict, batched: dict, prefix: str = "engine") -> dict:
-    """Our engine on engine_dir beside the peers' runners, taking turns over the prompts (serve_engine's
-    taking_turns): batch 1 two prompts a turn, then `concurrency` concurrent (ours) or batched (peers)."""
-    from serve_engine import engine_run, taking_turns
+    """Our engine on engine_dir (in its own process, as a server runs it: serve_engine.EngineProcess) beside the
+    peers' runners, taking turns over the prompts (serve_engine's taking_turns): batch 1 two prompts a turn, then
+    `concurrency` concurrent (ours) or batched (peers)."""
+    from serve_engine import EngineProcess, taking_turns
 
-    from lifecycle.serve.engine import LocalEngine
     c, n = args.concurrency, args.new_tokens
-    engine = LocalEngine(str(engine_dir), max_batch_size=c, max_queue=len(prompts), threads=args.threads)
-    await engine.start()
+    engine = EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts), threads=args.threads)
     try:
-        await engine_run(engine, prompts[:2], 4, 1)  # warm-up
-        runs = await taking_turns({f"{prefix}_b1": lambda p: engine_run(engine, p, n, 1), **b1}, prompts, 2)
-        runs |= await taking_turns({f"{prefix}_c{c}": lambda p: engine_run(engine, p, n, c), **batched}, prompts, c)
+        runs = await taking_turns({f"{prefix}_b1": lambda p: engine(p, n, 1), **b1}, prompts, 2)
+        runs |= await taking_turns({f"{prefix}_c{c}": lambda p: engine(p, n, c), **batched}, prompts, c)
     finally:
-        await engine.stop()
+        engine.close()
     return runs
 
 

@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -129,6 +130,57 @@ async def engine_run(engine: LocalEngine, prompts, new_tokens: int, concurrency:
     return {"outputs": outputs, "seconds": time.perf_counter() - start, "ttft": ttft}
 
 
+class EngineProcess:
+    """Our LocalEngine in a child process, as `lifecycle serve` runs it, driven over a pipe by the benchmark.
+
+    In the benchmark's own process the peers' generate() runs on the main thread, whose OpenMP team then exists
+    beside the engine's decode thread's: libgomp counts more threads than cores, stops spinning between parallel
+    regions, and every small op of a decode step pays a futex wake-up (measured: a (1, 256) x (256, 688) linear
+    10 us on the only OpenMP thread, 92 us beside another). A server process has no such neighbour, so neither
+    does the engine here; the peers keep theirs (their process is theirs alone too). Timing happens in the child.
+    """
+
+    def __init__(self, directory: Path, *, max_batch_size: int, max_queue: int, threads: int, fast_decode=True):
+        spec = {"directory": str(directory), "max_batch_size": max_batch_size, "max_queue": max_queue,
+                "threads": threads, "fast_decode": fast_decode}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--engine-child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reply()  # loaded and warmed up
+
+    def __call__(self, prompts, new_tokens: int, concurrency: int) -> dict:
+        """engine_run in the child: {"outputs", "seconds", "ttft"}."""
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens,
+                                          "concurrency": concurrency}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the engine's child process ended (rc {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+async def engine_child(spec: dict) -> None:
+    """The child side of EngineProcess: results on the original stdout, anything else printed goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    engine = LocalEngine(spec["directory"], max_batch_size=spec["max_batch_size"], max_queue=spec["max_queue"],
+                         threads=spec["threads"], fast_decode=spec["fast_decode"])
+    await engine.start()
+    await engine_run(engine, [[5, 6, 7, 8]] * 2, 4, 1)  # warm-up
+    print("{}", file=replies, flush=True)
+    while line := await asyncio.to_thread(sys.stdin.readline):
+        job = json.loads(line)
+        print(json.dumps(await engine_run(engine, job["prompts"], job["new_tokens"], job["concurrency"])),
+              file=replies, flush=True)
+    await engine.stop()
+
+
 async def taking_turns(runners: dict, prompts, chunk: int) -> dict[str, dict]:
     """Every runner over the same prompts, `chunk` prompts per turn, the order rotated each round: a change in the
     machine's load falls on all of them alike. runner(prompts) -> {"outputs", "seconds", "ttft"}."""
@@ -157,21 +209,18 @@ async def main(args) -> dict:
         model, tokenizer = load_model(directory)
         prompts = fixed_prompts(args.prompts, len(tokenizer))
         pad, eos = tokenizer.pad_token_id or 0, tokenizer.eos_token_id
-        engine, slow = (LocalEngine(str(directory), max_batch_size=args.concurrency, max_queue=len(prompts),
-                                    threads=args.threads, fast_decode=fast) for fast in (True, False))
-        for e in (engine, slow):
-            await e.start()
-            await engine_run(e, prompts[:2], 4, 1)  # warm-up
+        engine, slow = (EngineProcess(directory, max_batch_size=args.concurrency, max_queue=len(prompts),
+                                      threads=args.threads, fast_decode=fast) for fast in (True, False))
         hf_run(model, prompts[:2], 4, 1, pad, eos)
         c, n = args.concurrency, args.new_tokens
         runs = await taking_turns({"hf_batch1": lambda p: hf_run(model, p, n, 1, pad, eos),
-                                   "engine_batch1": lambda p: engine_run(engine, p, n, 1),
-                                   "engine_slow_batch1": lambda p: engine_run(slow, p, n, 1)}, prompts, 2)
+                                   "engine_batch1": lambda p: engine(p, n, 1),
+                                   "engine_slow_batch1": lambda p: slow(p, n, 1)}, prompts, 2)
         runs |= await taking_turns({f"hf_batch{c}": lambda p: hf_run(model, p, n, c, pad, eos),
-                                    f"engine_concurrent{c}": lambda p: engine_run(engine, p, n, c),
-                                    f"engine_slow_concurrent{c}": lambda p: engine_run(slow, p, n, c)}, prompts, c)
+                                    f"engine_concurrent{c}": lambda p: engine(p, n, c),
+                                    f"engine_slow_concurrent{c}": lambda p: slow(p, n, c)}, prompts, c)
         for e in (engine, slow):
-            await e.stop()
+            e.close()
     result = report(runs, args, str(directory) if "outputs" in str(directory) else "random tiny_llama dims")
     return {**result, "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}}
 
@@ -199,6 +248,8 @@ def report(runs: dict, args, model: str) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--engine-child"]:
+        sys.exit(asyncio.run(engine_child(json.loads(sys.argv[2]))))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -164,18 +164,26 @@ class LocalEngine:
         return resolved
 
     async def start(self) -> None:
-        """Load the model, tokenizer and adapters in a worker thread (so /health answers), then start decoding."""
+        """Load the model, tokenizer and adapters on the decode thread (so /health answers), then start decoding.
+
+        Loading there, not in a pool thread, keeps the decode thread the process's only OpenMP master: a second
+        thread that has run a parallel region keeps its own OpenMP team, libgomp then counts more threads than
+        cores and stops spinning between regions, and every small op of a decode step pays a futex wake-up
+        (measured on 2 cores: a (1, 256) x (256, 688) linear 10 us -> 92 us)."""
+        from lifecycle.serve.scheduler import Scheduler
+
         self.load_error = None
+        scheduler = Scheduler(None, self.max_batch_size)
+        scheduler.thread.start()
         try:
-            self._served = await asyncio.to_thread(self._load)
+            served = await asyncio.wrap_future(scheduler.call(self._load))
         except Exception as e:
+            await asyncio.to_thread(scheduler.stop)
             self.load_error = e
             log.error("loading %s failed: %s", self.model_dir, e)
             raise
-        from lifecycle.serve.scheduler import Scheduler
-
-        self._scheduler = Scheduler(self._served, self.max_batch_size)
-        self._scheduler.thread.start()
+        scheduler.served = served
+        self._served, self._scheduler = served, scheduler
         self._ready = True
 
     def _load(self):

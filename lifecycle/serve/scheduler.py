@@ -57,7 +57,8 @@ class Group:
 class Scheduler:
     """Owns the model between steps; everything that touches it runs on this thread."""
 
-    def __init__(self, served: ServedModel, max_batch_size: int):
+    def __init__(self, served: ServedModel | None, max_batch_size: int):
+        """`served` may be None at first: the engine loads the model through `call` (on this thread), then sets it."""
         self.served, self.max_batch_size = served, max_batch_size
         self.pending: deque[Job] = deque()
         self.lock = threading.Lock()  # pending is appended on the event loop's thread, drained on this one

@@ -259,3 +259,29 @@ def test_padded_prefill_and_a_decode_step_equal_plain_forwards(family, request, 
             assert torch.allclose(got, model(torch.tensor([p])).logits[0], atol=1e-4)
         for row, token, got in zip(rows, [7, 8, 9], stepped):
             assert torch.allclose(got, model(torch.tensor([row + [token]])).logits[0, -1], atol=1e-4)
+
+
+def test_the_model_loads_on_the_decode_thread_and_a_failed_load_leaves_no_thread(llama_dir, tmp_path, monkeypatch):
+    # One thread does all the torch work: a second OpenMP master (a pool thread that loaded the model) makes libgomp
+    # stop spinning between parallel regions, and every small op of a decode step then pays a futex wake-up.
+    import threading
+
+    load, loaders = LocalEngine._load, []
+
+    def recording(self):
+        loaders.append(threading.current_thread().name)
+        return load(self)
+    monkeypatch.setattr(LocalEngine, "_load", recording)
+
+    async def main():
+        async with serving(llama_dir) as engine:
+            decoder = engine._scheduler.thread.name
+            events = await collect(engine, ask(engine, PROMPTS[0], max_tokens=3))
+        broken = LocalEngine(str(tmp_path / "missing"), max_batch_size=1, max_queue=1)
+        with pytest.raises(Exception):
+            await broken.start()
+        return decoder, events
+
+    decoder, events = run(main())
+    assert loaders == [decoder, decoder] and events[-1].completion_tokens == 3
+    assert not [t for t in threading.enumerate() if t.name == decoder]
