@@ -3,10 +3,11 @@
 One corpus of stdlib source chunks (code, docstrings stripped) and packed docstrings (prose), cleared of natural
 duplicates, gets planted copies of known originals: exact (case and whitespace changed) and near (1%, 2%, 3% of the
 words substituted, deleted or inserted). In alternating rounds in one run, each peer deduplicates it with the same
-word shingles and the same LSH bands x rows (conf/dedup/minhash.yaml unless overridden):
+shingle size and the same LSH bands x rows (conf/dedup/minhash.yaml unless overridden; a shingle is made of each
+peer's own tokens):
   ours        lifecycle's steps from conf/step/*.yaml (in conf/data.yaml's order; skipped if not importable), then
-              ExactDuplicates and NearDuplicates: steps, exact keys and signatures in --workers forked processes,
-              the LSH in the main one;
+              ExactDuplicates and NearDuplicates (tokens: words, or words and punctuation runs, as configured):
+              steps, exact keys and signatures in --workers forked processes, the LSH in the main one;
   ours-dedup  the same without the steps; the -1p rows run the same in one process;
   datasketch  the textbook way: lowercase split, MinHash.generator over shingle sets, MinHashLSH query, insert;
   datatrove   its 4-stage MinHash pipeline (LocalPipelineExecutor, --workers workers), run by --datatrove-python
@@ -22,6 +23,7 @@ Figures go to benchmarks/results/data_pipeline.json.
 
     make bench-peers      # datatrove's venv, .benchvenv (0.10.1 also needs extras; xxhash 4 rejects its str input)
     python benchmarks/data_pipeline.py --mb 8 --rounds 2
+    python benchmarks/data_pipeline.py --mb 8 --rounds 1 --peers ours-dedup-1p datasketch   # quick: dedup speed
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCSTRING = re.compile(r'"""(.*?)"""', re.DOTALL)
 WORD = re.compile(r"(\S+)(\s*)")
 LEVELS = ("exact", 0.01, 0.02, 0.03)
+PEERS = ("ours", "ours-1p", "ours-dedup", "ours-dedup-1p", "datasketch", "datatrove", "datatrove-chain")
 CHUNK_CHARS = 3000  # code documents: consecutive blocks of a file up to this size
 
 
@@ -74,7 +77,7 @@ def stdlib_documents(limit: int) -> list[tuple[str, str]]:
 def distinct(docs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop exact duplicates and documents with estimated 5-gram Jaccard >= 0.5 to an earlier one (stdlib has some)."""
     from lifecycle.data.dedup import ExactDuplicates, NearDuplicates
-    exact, near = ExactDuplicates(), NearDuplicates(5, 128, 0.5, bands=32, rows=4, seed=7)
+    exact, near = ExactDuplicates(), NearDuplicates(5, 128, 0.5, bands=32, rows=4, seed=7, tokens="words")
     return [(kind, text) for i, (kind, text) in enumerate(docs)
             if exact.seen(str(i), text) is None and near.seen(str(i), near.signature(text)) is None]
 
@@ -314,11 +317,12 @@ def score(removed: set[str], dropped: set[str], pairs: list[tuple[str, str, str]
 
 
 def signature_speed(docs: list[dict], dedup_cfg) -> dict:
-    """MB/s of one process computing signatures of ~1 MB: datasketch per-shingle update, update_batch, ours."""
+    """MB/s of one process computing signatures of ~1 MB: datasketch per-shingle update, update_batch, ours (all over
+    the shingles of ours's `tokens`)."""
     from datasketch import MinHash
     from hydra.utils import instantiate
 
-    from lifecycle.data.dedup import normalize_for_hash
+    from lifecycle.data.dedup import tokens
     texts, size = [], 0
     while size < 1e6 and len(texts) < len(docs):
         texts.append(docs[len(texts)]["text"])
@@ -326,7 +330,7 @@ def signature_speed(docs: list[dict], dedup_cfg) -> dict:
     near, k, num_perm = instantiate(dedup_cfg), dedup_cfg.shingle_size, dedup_cfg.num_perm
 
     def grams(text):
-        words = normalize_for_hash(text).split()
+        words = tokens(text, dedup_cfg.tokens)
         return [" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))]
 
     def per_shingle(text):
@@ -355,6 +359,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dedup", nargs="*", default=[], help="conf/dedup/minhash.yaml overrides: threshold=0.8")
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS, help="the peers to run (default: all)")
     parser.add_argument("--datatrove-python", type=Path, default=ROOT / ".benchvenv/bin/python")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "data_pipeline.json")
     parser.add_argument("--datatrove-run", help=argparse.SUPPRESS)  # internal: the datatrove side, in its venv
@@ -424,6 +429,7 @@ def main() -> None:
     docs, pairs, corpus = build_corpus(args.mb, args.planted, args.seed)
     corpus["build_seconds"] = round(time.perf_counter() - started, 2)
     print(f"corpus: {corpus}")
+    print(f"dedup: {OmegaConf.to_container(dedup_cfg)}")
     steps, step_names = load_steps()
     peers = {"ours": lambda: run_ours(docs, steps, dedup_cfg, args.workers),
              "ours-1p": lambda: run_ours(docs, steps, dedup_cfg, 0),
@@ -434,6 +440,7 @@ def main() -> None:
              "datatrove-chain": lambda: run_datatrove(docs, dedup_cfg, args.workers, args.datatrove_python, True)}
     rounds = {name: args.rounds for name in peers} | {"datatrove": args.datatrove_rounds,
                                                       "datatrove-chain": args.datatrove_rounds if steps else 0}
+    rounds |= {name: 0 for name in peers if name not in args.peers}
     if not steps:
         rounds["ours-dedup"] = rounds["ours-dedup-1p"] = 0
     if args.datatrove_rounds and not args.datatrove_python.exists():

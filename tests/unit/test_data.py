@@ -98,6 +98,9 @@ def test_rerun_reuses_cached_units_and_resumes(tmp_path):
     run(files_cfg(tmp_path, docs, run="c"))
     report = json.loads((tmp_path / "out" / "data" / "c" / "report.json").read_text())
     assert report["sources"]["files"]["cached_units"] == 11
+    run(files_cfg(tmp_path, docs, "dedup.tokens=punctuation", run="d"))  # other shingles, other signatures: none reused
+    report = json.loads((tmp_path / "out" / "data" / "d" / "report.json").read_text())
+    assert report["sources"]["files"]["cached_units"] == 0
 
 
 def test_no_surviving_documents_is_an_error(tmp_path):

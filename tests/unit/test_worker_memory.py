@@ -55,7 +55,8 @@ def test_streamed_unit_files_hold_every_kept_document_in_order(tmp_path, monkeyp
     monkeypatch.setattr(process, "BUFFER_BYTES", 100)  # many small appends to the raw digest/signature files
     texts = [prose(i, n_words=60) for i in range(50)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1)
+    near = NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1,
+                          tokens="words")
     worker = Worker({"j": JsonLines("j", str(tmp_path / "a.jsonl"), "text", "prose", None)}, [], near)
     out = tmp_path / "cache" / "unit"
     assert worker.run(Job("j", str(tmp_path / "a.jsonl"), "fp", out))["docs_out"] == 50
