@@ -203,8 +203,10 @@ def main() -> None:
     import torch
     from serve_engine import fixed_prompts, hf_run, model_dir
 
+    from lifecycle.hardware import decode_bytes_per_token, measure_read_bandwidth
     from lifecycle.models.load import load_model
     torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
     suffix = ("-124m" if args.size == "124m" else "") + ("-int8" if args.int8 else "")
     out_path = args.out or ROOT / f"benchmarks/results/decode_peers{suffix}.json"
     skipped: dict[str, str] = {}
@@ -220,6 +222,8 @@ def main() -> None:
         model, tokenizer = load_model(directory)
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
+        nbytes = decode_bytes_per_token(model)
+        memory = {"bytes_per_token": nbytes, "read_GBps": [round(measure_read_bandwidth(cpu, nbytes) / 1e9, 2)]}
         prompts = fixed_prompts(args.prompts, len(tokenizer))
         pad, eos = tokenizer.pad_token_id or 0, tokenizer.eos_token_id
         ppl, warmup = {}, {}
@@ -271,10 +275,11 @@ def main() -> None:
                                           {f"torch_ao_int8_hf_b{c}": lambda p: hf_run(ao, p, n, c, pad, eos)},
                                           prefix="ours_int8"))
             reference = "fp32_hf_eager_b1"
-    report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path)
+    memory["read_GBps"].append(round(measure_read_bandwidth(cpu, nbytes) / 1e9, 2))
+    report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path, memory)
 
 
-def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_path) -> None:
+def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_path, memory) -> None:
     ref = runs[reference]["outputs"]
     same = {name: sum(a == b for a, b in zip(run["outputs"], ref)) for name, run in runs.items()}
     tps = {name: run["tokens_per_s"] for name, run in runs.items()}
@@ -293,6 +298,14 @@ def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_pat
         ratios[f"engine_c{c}/hf_eager_b{c}"] = round(tps[f"engine_c{c}"] / tps[f"hf_eager_b{c}"], 2)
         if "llama_cpp_b1" in tps:
             ratios[f"engine_c{c}/llama_cpp_b1"] = round(tps[f"engine_c{c}"] / tps["llama_cpp_b1"], 2)
+        # A batch-1 step reads every fp32 weight once: tokens/s x bytes per token is the bandwidth each run used.
+        ceiling = max(memory["read_GBps"])
+        used = {name: round(tps[name] * memory["bytes_per_token"] / 1e9, 2) for name in tps if name.endswith("_b1")}
+        needed = round(3 * tps["hf_eager_b1"] * memory["bytes_per_token"] / 1e9, 2)
+        memory |= {"used_GBps_b1": used, "needed_GBps_for_3x_hf_eager_b1": needed}
+        print(f"memory: {memory['bytes_per_token'] / 1e6:.1f} MB of weights per batch-1 token; read bandwidth "
+              f"{ceiling} GB/s (best sum over a buffer that size, before and after the runs); used at batch 1 (GB/s): {used}; 3x HF "
+              f"eager would need {needed} GB/s ({needed / ceiling:.2f}x the measured read bandwidth)")
     else:
         ratios["ours_int8_b1/torch_ao_int8_hf_b1"] = round(tps["ours_int8_b1"] / tps["torch_ao_int8_hf_b1"], 2)
         ratios[f"ours_int8_c{c}/torch_ao_int8_hf_b{c}"] = round(tps[f"ours_int8_c{c}"] /
@@ -311,7 +324,7 @@ def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_pat
         "model": model, "params": n_params, "date": time.strftime("%Y-%m-%d"), "prompts": args.prompts,
         "new_tokens": args.new_tokens, "threads": args.threads, "cpus": os.cpu_count(),
         "runs": {name: {k: v for k, v in run.items() if k != "outputs"} for name, run in runs.items()},
-        f"identical_to_{reference}": same, "perplexity": ppl, "warmup_s": warmup, "ratios": ratios,
+        f"identical_to_{reference}": same, "perplexity": ppl, "memory": memory, "warmup_s": warmup, "ratios": ratios,
         "skipped": skipped}, indent=2) + "\n")
     print(f"wrote {out_path}")
 

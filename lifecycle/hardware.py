@@ -33,6 +33,45 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     return best
 
 
+def measure_read_bandwidth(device: torch.device, nbytes: int = 2**30, seconds: float = 1.0) -> float:
+    """Best bytes/s of reading an `nbytes` buffer again and again, by a sum and by a matrix-vector product (each is
+    the faster one on some machines): for nbytes = a model's weights (decode_bytes_per_token), the bandwidth a
+    batch-1 decode step, which reads each weight once per token, can at best use, from whichever mix of cache and
+    memory holds that much."""
+    rows = max(1, nbytes // 4 // 1024)
+    matrix = torch.ones(rows, 1024, device=device)
+    vector = torch.ones(1024, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reads = (matrix.sum, lambda: torch.mv(matrix, vector))
+    for read in reads:
+        read()
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for read in reads:
+            t0 = time.perf_counter()
+            read()
+            sync()
+            best = max(best, matrix.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one batch-1 decode step reads: every parameter but the input embeddings (one row each),
+    plus the output projection when it is tied to them; int8 packed weights count at their stored size."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    for module in model.modules():  # torch.ao dynamic int8 Linear keeps its weight outside parameters()
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+    output = model.get_output_embeddings()
+    if output is not None and getattr(output, "weight", None) is embedding:
+        total += embedding.numel() * embedding.element_size()
+    return total
+
+
 def flops_per_token(n_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
     """Training FLOPs per token: 6N for the weights plus 12*L*H*Q*T for attention (PaLM, appendix B)."""
     return 6 * n_params + 12 * n_layers * n_heads * head_dim * seq_len
