@@ -98,7 +98,7 @@ def test_rerun_reuses_cached_units_and_resumes(tmp_path):
     run(files_cfg(tmp_path, docs, run="c"))
     report = json.loads((tmp_path / "out" / "data" / "c" / "report.json").read_text())
     assert report["sources"]["files"]["cached_units"] == 11
-    run(files_cfg(tmp_path, docs, "dedup.tokens=punctuation", run="d"))  # other shingles, other signatures: none reused
+    run(files_cfg(tmp_path, docs, "dedup.tokens=words", run="d"))  # other shingles, other signatures: none reused
     report = json.loads((tmp_path / "out" / "data" / "d" / "report.json").read_text())
     assert report["sources"]["files"]["cached_units"] == 0
 

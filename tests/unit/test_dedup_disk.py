@@ -19,7 +19,7 @@ from conftest import edit
 
 def minhash() -> NearDuplicates:
     return NearDuplicates(shingle_size=5, num_perm=128, threshold=0.7, bands=16, rows=8, seed=1,
-                          tokens="words")  # conf/dedup/minhash
+                          tokens="punctuation")  # conf/dedup/minhash
 
 
 def vocabulary(size: int, seed: int) -> list[str]:
