@@ -126,6 +126,7 @@ class TrainSchema:
     restore_rng: bool = True
     peak_flops: Optional[float] = None
     compile: bool = False
+    fused_ops: bool = True
 
     def __post_init__(self) -> None:
         _require(self.ckpt_every_n_steps >= 1, "train.ckpt_every_n_steps", "must be >= 1")

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lifecycle.errors import ConfigError, NonFiniteLossError
+from lifecycle.training import fused
 from lifecycle.training.loss import IGNORE, linear_cross_entropy, plain_head
 
 
@@ -23,18 +24,22 @@ class CausalLM(LightningModule):
     With a `teacher`, training minimises distill_alpha·T²·KL(teacher_T ‖ model_T) + (1 - distill_alpha)·CE on
     temperature-T-softened logits (Hinton et al., 2015); validation still reports plain cross-entropy. Without one,
     a model whose logits are a plain projection of its last hidden state trains on `linear_cross_entropy`, which
-    never materialises the full logits (same loss and gradients to float rounding).
+    never materialises the full logits (same loss and gradients to float rounding). With `fused_ops` (and without
+    `compile`), Llama-layout models train with fused RMSNorm, rope and SwiGLU (lifecycle/training/fused.py) from
+    fit start to fit end; the teacher never does.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
                  max_skipped_steps: int = 5, restore_rng: bool = True, teacher: torch.nn.Module | None = None,
-                 distill_temperature: float = 2.0, distill_alpha: float = 0.5, compile: bool = False):
+                 distill_temperature: float = 2.0, distill_alpha: float = 0.5, compile: bool = False,
+                 fused_ops: bool = True):
         super().__init__()
         self.model, self.optimizer_factory, self.scheduler_factory = model, optimizer, scheduler
         # (decoder, lm_head) in a tuple, so they are not registered twice (checkpoint keys stay model.*)
         self._head = plain_head(model) if teacher is None else None
         if compile:  # in place: parameter names, checkpoints and save_pretrained stay those of the eager model
             (self._head[0] if self._head else self.model).compile()
+        self.fused_ops = fused_ops and not compile  # inductor fuses these itself
         # A frozen submodule so it follows the student across devices; its weights also ride in checkpoints.
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
@@ -135,6 +140,12 @@ class CausalLM(LightningModule):
     def on_fit_start(self) -> None:
         if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
             self._head = None  # lm_head.weight may be a shard outside lm_head's own forward there; untested
+        if self.fused_ops:
+            fused.patch(self.model)  # logs why not, where the model is not one it computes exactly
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            fused.unpatch(self.model)  # the model leaves fit with its own forwards
 
     def on_train_start(self) -> None:
         self.model.train()  # from_pretrained returns eval mode; dropout must be live while training

@@ -18,7 +18,7 @@ def make_module(cfg: DictConfig, model, teacher=None, temperature: float = 2.0, 
     to distill from, if given)."""
     return CausalLM(model, build(cfg.optimizer), build(cfg.scheduler), cfg.train.nonfinite,
                     cfg.train.max_skipped_steps, cfg.train.restore_rng, teacher, temperature, alpha,
-                    cfg.train.compile)
+                    cfg.train.compile, cfg.train.fused_ops)
 
 
 def resume_path(cfg: DictConfig, stage: str, module: CausalLM) -> Path | None:
