@@ -39,18 +39,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         targets = labels.clamp(min=0)[:, None]                                         # (N, 1)
         grad_hidden = torch.empty_like(hidden)                                         # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        direct = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h, y, keep = hidden[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk, None]
             logits = (h @ weight.t()).float()                                         # (C, V), like .float() logits
-            lse = logits.logsumexp(-1, keepdim=True)                                   # (C, 1)
-            total += ((lse - logits.gather(1, y)) * keep).sum()
-            grad = logits.sub_(lse).exp_()                                             # softmax, in place
+            # softmax in place, in the passes logsumexp alone would take (it allocates its own shifted copy)
+            shifted = logits.sub_(logits.amax(-1, keepdim=True))                       # (C, V)
+            picked = shifted.gather(1, y)                                              # (C, 1)
+            grad = shifted.exp_()
+            sumexp = grad.sum(-1, keepdim=True)                                        # (C, 1)
+            total += ((sumexp.log() - picked) * keep).sum()
+            grad.div_(sumexp)                                                          # softmax
             grad.scatter_add_(1, y, -torch.ones_like(y, dtype=grad.dtype)).mul_(keep)  # minus one-hot, masked
             grad = grad.to(weight.dtype)  # (under autocast the matmuls below cast as the plain path's backward does)
-            grad_hidden[s:s + chunk] = grad @ weight
-            if grad_weight is not None:
-                grad_weight += grad.t() @ h
+            if direct:  # fp32 outside autocast: the matmuls write and accumulate in place (no temporaries)
+                torch.mm(grad, weight, out=grad_hidden[s:s + chunk])
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.t(), h)
+            else:
+                grad_hidden[s:s + chunk] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
         return total / count
