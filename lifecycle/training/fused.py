@@ -165,16 +165,19 @@ def _classes() -> dict[type, object]:
 
 def unsupported(model: torch.nn.Module) -> str | None:
     """Why the fused ops would not compute `model`'s own formulas; None when they do."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
-    config = getattr(base, "config", None)
-    kind = getattr(config, "model_type", None)
+    from transformers import PreTrainedModel
+
+    # the transformers model itself, also inside a PEFT or bottleneck-adapter wrapper
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    kind = getattr(getattr(base, "config", None), "model_type", None)
     if kind not in FAMILIES:
         return f"model type {kind!r} (fused ops know {', '.join(FAMILIES)})"
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in (model, base, getattr(base, "model", None))):
+    config, decoder = base.config, base.base_model
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in (model, base, decoder)):
         return "a compiled model (inductor fuses these ops itself)"
     if config.hidden_act != "silu":
         return f"activation {config.hidden_act!r} (the fused MLP computes silu)"
-    rotary = base.model.rotary_emb
+    rotary = decoder.rotary_emb
     if rotary.rope_type != "default" or rotary.attention_scaling != 1.0:
         return f"rope type {rotary.rope_type!r} (only unscaled default rope)"
     rope = getattr(config, "rope_parameters", None) or {}

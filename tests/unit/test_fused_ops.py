@@ -15,7 +15,7 @@ from transformers.models.llama import modeling_llama
 from lifecycle.models.build import gpt2, llama
 from lifecycle.training import fused
 from lifecycle.training.module import CausalLM
-from lifecycle.training.strategy import lora
+from lifecycle.training.strategy import adapter, lora
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-6) -> None:
@@ -132,14 +132,17 @@ def test_a_patched_model_trains_like_an_unpatched_copy(model_type):
     assert not any("forward" in m.__dict__ for m in patched.modules())
 
 
-def test_a_lora_model_is_patched_and_trains_like_an_unpatched_copy():
+@pytest.mark.parametrize("strategy", [lora(4, 8, 0.0, "all-linear", "default", 1e-3),
+                                      adapter(8, "gelu", 0.0, ["o_proj", "down_proj"], 1.0, "default", 1e-3)])
+def test_an_adapter_model_is_patched_and_trains_like_an_unpatched_copy(strategy):
     torch.manual_seed(0)
-    model = lora(4, 8, 0.0, "all-linear", "default", 1e-3)(tiny())
+    model = strategy(tiny())
     patched = copy.deepcopy(model)
     assert fused.patch(patched) is None
+    assert sum("forward" in m.__dict__ for m in patched.modules()) == 9  # 5 norms, 2 MLPs, 2 attentions
     expected, actual = train(model, 2), train(patched, 2)
     assert actual[0] == pytest.approx(expected[0], rel=1e-6)
-    assert expected[1][-1] and all("lora_" in name for name in expected[1][-1])
+    assert 0 < len(expected[1][-1]) < len(list(model.parameters()))  # the adapter's parameters only
     for name, grad in expected[1][-1].items():
         close(actual[1][-1][name], grad, rel=1e-5)
 
