@@ -4,8 +4,10 @@ as autograd Functions with hand-written backward passes, patched onto a model's 
 HF's versions are chains of small elementwise ops, each a full pass over its tensor with a fresh allocation, and
 autograd runs more of them backward (rotate_half alone is a neg, a cat and, backward, two zero-filled slices).
 These compute the same formulas in fewer passes, in place on the buffers they create, and save only what their
-backward reads (saved tensors are never overwritten, so retain_graph and gradcheck work). Forward values and gradients equal HF's to float rounding (tests/unit/test_fused_ops.py); parameters,
-state_dict keys and save_pretrained are untouched: only instance `forward`s change, and `unpatch` restores them.
+backward reads (saved tensors are never overwritten, so retain_graph and gradcheck work). Forward values and
+gradients equal HF's to float rounding (tests/unit/test_fused_ops.py); parameters, state_dict keys and
+save_pretrained are untouched: only instance `forward`s change, and `unpatch` restores them. Tiny Llama, 2 CPU
+threads, one training step A/B in one process: 707 -> 666 ms median.
 """
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ def attention_forward(module: torch.nn.Module, *args, **kwargs):
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, original):
     """Drop-in for HF's function of the same name; `original` runs whatever this one does not handle."""
     if (unsqueeze_dim != 1 or cos.requires_grad or sin.requires_grad or q.shape[-1] % 2
-            or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) > 1 or q.shape[-1] != cos.shape[-1]):
+            or {q.dtype, k.dtype, cos.dtype, sin.dtype} != {torch.float32} or q.shape[-1] != cos.shape[-1]):
+        # (in bf16 HF rounds each product before the sum; addcmul_ would not: keep HF's rounding there)
         return original(q, k, cos, sin, unsqueeze_dim)
     return Rotary.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))                       # cos: (B, 1, T, D)
 

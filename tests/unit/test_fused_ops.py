@@ -34,8 +34,10 @@ def value_and_grads(fn, inputs: list[torch.Tensor], grad_outputs: list[torch.Ten
 def test_rms_norm_equals_hf():
     torch.manual_seed(0)
     x, weight, grad = torch.randn(3, 7, 48) * 3, torch.randn(48), torch.randn(3, 7, 48)
-    # HF's forward on a stand-in module whose weight is the leaf being differentiated
-    hf = lambda x, w: modeling_llama.LlamaRMSNorm.forward(SimpleNamespace(weight=w, variance_epsilon=1e-5), x)  # noqa: E731
+
+    def hf(x, w):  # HF's forward on a stand-in module whose weight is the leaf being differentiated
+        return modeling_llama.LlamaRMSNorm.forward(SimpleNamespace(weight=w, variance_epsilon=1e-5), x)
+
     expected = value_and_grads(hf, [x, weight], [grad])
     actual = value_and_grads(lambda x, w: fused.RMSNorm.apply(x, w, 1e-5), [x, weight], [grad])
     for a, e in zip(actual, expected):
@@ -66,6 +68,14 @@ def test_rotary_equals_hf_for_any_cos_and_sin():
     actual = value_and_grads(lambda q, k: fused.Rotary.apply(q, k, cos[:, None], sin[:, None]), [q, k], grads)
     for a, e in zip(actual, expected):
         close(a, e)
+
+
+def test_rotary_keeps_hf_rounding_outside_float32():
+    q, k, cos, sin = (torch.randn(2, 3, 5, 8, dtype=torch.bfloat16) for _ in range(4))
+    cos, sin = cos[:, 0], sin[:, 0]
+    expected = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    actual = fused.apply_rotary_pos_emb(q, k, cos, sin, original=modeling_llama.apply_rotary_pos_emb)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
 
 
 def test_swiglu_equals_hf():
