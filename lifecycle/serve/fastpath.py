@@ -11,6 +11,12 @@ is then re-pointed at its rows of the fused matrix, so no weight is held twice a
 reads the same numbers. A later `param.data = ...` (e.g. `model.to(dtype)`) would leave the fused copy stale:
 `stale()` sees that and the caller rebuilds.
 
+Layout: float32 weights on the CPU are stored transposed, (in, out) contiguous, and every module's weight becomes a
+transposed view of that storage (same shape, other strides), so `x @ W.T` is MKL's "no transpose" product: at
+batch 1 it streams the weights ~11% faster, at batch 8 ~27% (2 threads; 11M and 120M Llama shapes). The sums then
+run in another order than over the row-major weights, so logits agree with an untouched model's to float rounding
+rather than bit for bit. The tied input embedding reads its rows through the same view.
+
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
 fusion: each packs its own weights), the rest of the step is the same. Biases (qwen2's q/k/v, llama's attention_bias
 and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
@@ -85,16 +91,19 @@ class FastDecoder:
         self.dtype = self.embed.dtype
         self.eps = config.rms_norm_eps
         self.final_norm = model.model.norm.weight
-        self.head = _single(model.lm_head)
+        # float32 on the CPU: weights stored transposed (see the module docstring)
+        self.transpose = self.dtype == torch.float32 and self.embed.device.type == "cpu"
         self.fused: list[tuple[nn.Parameter, torch.Tensor]] = []  # (module weight, the view it must still be)
+        self.head = self._single(model.lm_head)
         self.layers = [self._layer(layer, config.intermediate_size) for layer in model.model.layers]
 
     def _layer(self, layer, intermediate: int) -> dict:
         a, m = layer.self_attn, layer.mlp
         q_norm = getattr(a, "q_norm", None)
         return {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight,
-                "qkv": self._fuse([a.q_proj, a.k_proj, a.v_proj]), "o": _single(a.o_proj),
-                "gate_up": self._fuse([m.gate_proj, m.up_proj]), "down": _single(m.down_proj), "split": intermediate,
+                "qkv": self._fuse([a.q_proj, a.k_proj, a.v_proj]), "o": self._single(a.o_proj),
+                "gate_up": self._fuse([m.gate_proj, m.up_proj]), "down": self._single(m.down_proj),
+                "split": intermediate,
                 "q_norm": None if q_norm is None else q_norm.weight,
                 "k_norm": None if q_norm is None else a.k_norm.weight}
 
@@ -102,7 +111,10 @@ class FastDecoder:
         """One call computing all of `linears` on the same input, their outputs side by side on the last dim."""
         if type(linears[0]) is not nn.Linear:  # int8: each module packs its own weights
             return lambda x: torch.cat([linear(x) for linear in linears], -1)
-        weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+        if self.transpose:  # (in_features, sum of out_features) contiguous, used through its transpose
+            weight = torch.cat([linear.weight.detach().t() for linear in linears], 1).t()
+        else:
+            weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
         biases = [linear.bias for linear in linears]
         bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
         start = 0
@@ -115,6 +127,14 @@ class FastDecoder:
                 self.fused.append((linear.bias, linear.bias.data))
             start = rows.stop
         return partial(F.linear, weight=weight, bias=bias)
+
+    def _single(self, linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        if type(linear) is not nn.Linear:  # int8: the module packs its own weights
+            return linear
+        if self.transpose and linear.weight.is_contiguous():
+            linear.weight.data = linear.weight.detach().t().contiguous().t()
+            self.fused.append((linear.weight, linear.weight.data))
+        return partial(_linear, linear.weight, linear.bias)  # the live parameters
 
     def stale(self) -> bool:
         """Whether a module's weight was replaced since the fusion (its fused copy no longer reads the same)."""
@@ -168,12 +188,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     """Rotary embedding of x (rows, heads, hd), HF's x * cos + rotate_half(x) * sin with the sign folded into sin."""
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x_2, x_1): one kernel instead of neg + cat
     return x * cos + swapped * signed_sin
-
-
-def _single(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    if type(linear) is nn.Linear:  # the live parameters: a dtype change or reload is seen, nothing to go stale
-        return partial(_linear, linear.weight, linear.bias)
-    return linear
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

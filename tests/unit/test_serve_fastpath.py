@@ -24,6 +24,7 @@ FAMILIES = {
     "llama_gqa": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=2)),
     "llama_biases": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=1, attention_bias=True,
                                                          mlp_bias=True)),
+    "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, num_key_value_heads=2, tie_word_embeddings=True)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS, num_key_value_heads=2, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DIMS, num_key_value_heads=2)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DIMS, num_key_value_heads=2, head_dim=16)),
@@ -155,3 +156,23 @@ def test_engine_greedy_output_is_the_same_with_and_without_the_fast_path(sharp_l
     (fast_used, fast), (slow_used, slow) = run(outputs(True)), run(outputs(False))
     assert fast_used and not slow_used
     assert fast == slow and sum(map(len, fast)) > 150
+
+
+def test_float32_weights_are_stored_transposed_once_and_the_tied_embedding_follows():
+    # x @ W.T over (in, out) storage is MKL's faster product on the CPU; the modules keep their shapes and no weight
+    # is held twice (fused q/k/v and gate/up are views of one storage each).
+    model = random_model("llama_tied")
+    embedding_before = model.model.embed_tokens.weight.detach().clone()
+    fast = fastpath.build(model)
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for linear in (attention.q_proj, attention.o_proj, mlp.down_proj, model.lm_head):
+        assert linear.weight.shape == (linear.out_features, linear.in_features)
+        assert linear.weight.stride(0) == 1 and not linear.weight.is_contiguous()  # its transpose is row-major
+    storage = attention.q_proj.weight.untyped_storage().data_ptr()
+    assert attention.v_proj.weight.untyped_storage().data_ptr() == storage
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embedding_before)  # same numbers, other strides
+    assert not fast.stale()
+    half = random_model("llama").to(torch.bfloat16)
+    fastpath.build(half)
+    assert half.model.layers[0].self_attn.o_proj.weight.is_contiguous()  # only float32 is transposed
