@@ -7,7 +7,8 @@ turns over the prompts (2 a turn at batch 1, 8 batched), the order rotated each 
 alike (llama.cpp in a child process of --peer-python's venv, on the same weights as GGUF f32):
   hf_eager_b1, hf_compile_b1   HF generate() eager; with cache_implementation="static" and torch.compile'd forward
                                (its compile warm-up, one pass over every prompt, is timed apart)
-  engine_b1, engine_c8         our LocalEngine, one request at a time; 8 concurrent clients
+  engine_b1, engine_c8         our LocalEngine (its own process, as a server), one request at a time; 8 concurrent
+  engine_compiled_b1, _c8      the same with deploy.engine.compile=true (its start-up, compile included, timed apart)
   hf_eager_b8                  HF generate() on left-padded batches of 8
   llama_cpp_b1                 llama-cpp-python's generate() (greedy), the KV cache reset per prompt
 Greedy tokens of every run are compared with hf_eager_b1's (same tokens up to EOS). llama.cpp batch 8 is reported
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -166,19 +168,27 @@ def llama_part(gguf: Path, args, prompts, eos: int) -> dict:
             "ttft": result["ttft"]}
 
 
-async def take_turns(engine_dir: Path, args, prompts, b1: dict, batched: dict, prefix: str = "engine") -> dict:
+async def take_turns(engine_dir: Path, args, prompts, b1: dict, batched: dict, warmup: dict,
+                     prefix: str = "engine") -> dict:
     """Our engine on engine_dir (in its own process, as a server runs it: serve_engine.EngineProcess) beside the
     peers' runners, taking turns over the prompts (serve_engine's taking_turns): batch 1 two prompts a turn, then
     `concurrency` concurrent (ours) or batched (peers)."""
     from serve_engine import EngineProcess, taking_turns
 
     c, n = args.concurrency, args.new_tokens
-    engine = EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts), threads=args.threads)
+    engines = {prefix: EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts), threads=args.threads)}
+    if not args.no_compile and not args.int8:  # deploy.engine.compile=true; int8 modules are not compiled
+        engines[f"{prefix}_compiled"] = EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts),
+                                                      threads=args.threads, compile=True)
+        warmup[f"{prefix}_compiled"] = round(engines[f"{prefix}_compiled"].start_s, 1)
     try:
-        runs = await taking_turns({f"{prefix}_b1": lambda p: engine(p, n, 1), **b1}, prompts, 2)
-        runs |= await taking_turns({f"{prefix}_c{c}": lambda p: engine(p, n, c), **batched}, prompts, c)
+        runs = await taking_turns({**{f"{name}_b1": functools.partial(e, new_tokens=n, concurrency=1)
+                                      for name, e in engines.items()}, **b1}, prompts, 2)
+        runs |= await taking_turns({**{f"{name}_c{c}": functools.partial(e, new_tokens=n, concurrency=c)
+                                       for name, e in engines.items()}, **batched}, prompts, c)
     finally:
-        engine.close()
+        for e in engines.values():
+            e.close()
     return runs
 
 
@@ -192,7 +202,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--peer-python", type=Path, default=PEERS / "bin/python")
-    p.add_argument("--no-compile", action="store_true", help="skip HF static cache + torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled runs: HF static cache + torch.compile, our engine with compile=true")
     p.add_argument("--out", type=Path)
     p.add_argument("--llama-run", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -245,7 +256,7 @@ def main() -> None:
                 warmup["hf_compile_b1"] = round(time.perf_counter() - started, 1)
                 b1["hf_compile_b1"] = lambda p: hf_run(compiled, p, n, 1, pad, eos)
             runs = asyncio.run(take_turns(directory, args, prompts, b1,
-                                          {f"hf_eager_b{c}": lambda p: hf_run(model, p, n, c, pad, eos)}))
+                                          {f"hf_eager_b{c}": lambda p: hf_run(model, p, n, c, pad, eos)}, warmup))
             reference = "hf_eager_b1"
         else:
             from lifecycle.models import int8
@@ -273,7 +284,7 @@ def main() -> None:
                     skipped["llama_cpp_q8_0"] = str(e)[:300]
             runs = asyncio.run(take_turns(ours_dir, args, prompts, b1,
                                           {f"torch_ao_int8_hf_b{c}": lambda p: hf_run(ao, p, n, c, pad, eos)},
-                                          prefix="ours_int8"))
+                                          warmup, prefix="ours_int8"))
             reference = "fp32_hf_eager_b1"
     memory["read_GBps"].append(round(measure_read_bandwidth(cpu, nbytes) / 1e9, 2))
     report(runs, ppl, warmup, skipped, reference, args, str(directory), n_params, out_path, memory)
@@ -292,12 +303,15 @@ def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_pat
     ratios = {}
     c = args.concurrency
     if not args.int8:
-        for peer in ("hf_eager_b1", "hf_compile_b1", "llama_cpp_b1"):
-            if peer in tps:
-                ratios[f"engine_b1/{peer}"] = round(tps["engine_b1"] / tps[peer], 2)
-        ratios[f"engine_c{c}/hf_eager_b{c}"] = round(tps[f"engine_c{c}"] / tps[f"hf_eager_b{c}"], 2)
-        if "llama_cpp_b1" in tps:
-            ratios[f"engine_c{c}/llama_cpp_b1"] = round(tps[f"engine_c{c}"] / tps["llama_cpp_b1"], 2)
+        for ours in ("engine", "engine_compiled"):
+            if f"{ours}_b1" not in tps:
+                continue
+            for peer in ("hf_eager_b1", "hf_compile_b1", "llama_cpp_b1"):
+                if peer in tps:
+                    ratios[f"{ours}_b1/{peer}"] = round(tps[f"{ours}_b1"] / tps[peer], 2)
+            ratios[f"{ours}_c{c}/hf_eager_b{c}"] = round(tps[f"{ours}_c{c}"] / tps[f"hf_eager_b{c}"], 2)
+            if "llama_cpp_b1" in tps:
+                ratios[f"{ours}_c{c}/llama_cpp_b1"] = round(tps[f"{ours}_c{c}"] / tps["llama_cpp_b1"], 2)
         # A batch-1 step reads every fp32 weight once: tokens/s x bytes per token is the bandwidth each run used.
         ceiling = max(memory["read_GBps"])
         used = {name: round(tps[name] * memory["bytes_per_token"] / 1e9, 2) for name in tps if name.endswith("_b1")}

@@ -140,12 +140,15 @@ class EngineProcess:
     does the engine here; the peers keep theirs (their process is theirs alone too). Timing happens in the child.
     """
 
-    def __init__(self, directory: Path, *, max_batch_size: int, max_queue: int, threads: int, fast_decode=True):
+    def __init__(self, directory: Path, *, max_batch_size: int, max_queue: int, threads: int, fast_decode=True,
+                 compile=False):
         spec = {"directory": str(directory), "max_batch_size": max_batch_size, "max_queue": max_queue,
-                "threads": threads, "fast_decode": fast_decode}
+                "threads": threads, "fast_decode": fast_decode, "compile": compile}
+        started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, __file__, "--engine-child", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._reply()  # loaded and warmed up
+        self.start_s = time.perf_counter() - started  # process start, load, compile (if asked) and warm-up
 
     def __call__(self, prompts, new_tokens: int, concurrency: int) -> dict:
         """engine_run in the child: {"outputs", "seconds", "ttft"}."""
@@ -170,7 +173,7 @@ async def engine_child(spec: dict) -> None:
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     engine = LocalEngine(spec["directory"], max_batch_size=spec["max_batch_size"], max_queue=spec["max_queue"],
-                         threads=spec["threads"], fast_decode=spec["fast_decode"])
+                         threads=spec["threads"], fast_decode=spec["fast_decode"], compile=spec["compile"])
     await engine.start()
     await engine_run(engine, [[5, 6, 7, 8]] * 2, 4, 1)  # warm-up
     print("{}", file=replies, flush=True)

@@ -25,13 +25,14 @@ class LocalEngine:
     def __init__(self, model: str, name: str | None = None, adapters: dict[str, str] | None = None,
                  max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
                  device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                 model_root: str | None = None, fast_decode: bool = True):
+                 model_root: str | None = None, fast_decode: bool = True, compile: bool = False):
         self.model_dir = Path(model)
         self.name = name or self.model_dir.name
         self.adapter_dirs = dict(adapters or {})
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.device, self.dtype, self.threads = device, dtype, threads
         self.fast_decode = fast_decode  # the base model's decode steps by lifecycle.serve.fastpath where it applies
+        self.compile = compile  # ... torch.compile'd at start (fastpath.FastDecoder: a warm-up of ~20-30 s on a CPU)
         self.model_root = Path(model_root).resolve() if model_root else None
         self.context_length = context_length or _configured_context(self.model_dir)
         self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready
@@ -198,7 +199,7 @@ class LocalEngine:
         wanted = getattr(torch, self.dtype)
         if next(model.parameters()).dtype != wanted:
             model = model.to(wanted)
-        served = ServedModel(model, tokenizer, self.name, self.fast_decode)
+        served = ServedModel(model, tokenizer, self.name, self.fast_decode, self.compile)
         self.context_length = self.context_length or model.config.max_position_embeddings
         for adapter, directory in self.adapter_dirs.items():
             served.add_adapter(adapter, Path(directory))

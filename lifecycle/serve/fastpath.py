@@ -17,6 +17,13 @@ batch 1 it streams the weights ~11% faster, at batch 8 ~27% (2 threads; 11M and 
 run in another order than over the row-major weights, so logits agree with an untouched model's to float rounding
 rather than bit for bit. The tied input embedding reads its rows through the same view.
 
+Compiled (`compile=True`, deploy.engine.compile): the same step through torch.compile (dynamic shapes, inductor's
+C++ wrapper), attending over the batch's whole preallocated capacity with its additive mask (spare columns are zeros
+and masked) and writing the new key/value with index_copy_ at a column given as a tensor, so neither a new column nor
+a capacity growth recompiles it. Compiled once for one row and once for several (torch specialises size 1) when the
+decoder is built: ~20-30 s on 2 CPU cores, then 1.5x the eager step on the 11M Llama, 1.1x on a 120M one. Not for
+int8 modules (the eager step serves them).
+
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
 fusion: each packs its own weights), the rest of the step is the same. Biases (qwen2's q/k/v, llama's attention_bias
 and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
@@ -24,6 +31,7 @@ and mlp_bias) are fused with their weights. Anything else is refused (build retu
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Callable
 
@@ -36,7 +44,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 log = logging.getLogger(__name__)
 
 
-def build(model) -> FastDecoder | None:
+def build(model, compile: bool = False) -> FastDecoder | None:
     """The fast decode step for `model`, or None where `unsupported(model)` gives a reason (logged either way)."""
     reason = unsupported(model)
     if reason:
@@ -44,7 +52,7 @@ def build(model) -> FastDecoder | None:
         return None
     log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
              model.config.num_hidden_layers)
-    return FastDecoder(model)
+    return FastDecoder(model, compile)
 
 
 def unsupported(model) -> str | None:
@@ -81,7 +89,7 @@ def unsupported(model) -> str | None:
 class FastDecoder:
     """One decode step for all rows of a batch; built once per loaded model."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         config, first = model.config, model.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
             first.head_dim
@@ -96,6 +104,37 @@ class FastDecoder:
         self.fused: list[tuple[nn.Parameter, torch.Tensor]] = []  # (module weight, the view it must still be)
         self.head = self._single(model.lm_head)
         self.layers = [self._layer(layer, config.intermediate_size) for layer in model.model.layers]
+        self.compiled = None
+        if compile:
+            if type(model.lm_head) is not nn.Linear or type(model.model.layers[0].mlp.down_proj) is not nn.Linear:
+                log.info("decode: compile skipped (int8 modules); the eager fast path serves this model")
+            else:
+                self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the whole-capacity step and compile it now for one row and for two, on scratch caches."""
+        started = time.perf_counter()
+        self.compiled = torch.compile(self._capacity_step, dynamic=True, fullgraph=True,
+                                      options={"cpp_wrapper": True})
+        device = self.embed.device
+        # No "duck" sizes: a scratch capacity equal to head_dim (or 2 rows to 2 kv heads) would otherwise become a
+        # guard that the next real batch fails, and a ~20 s recompile in the middle of serving.
+        from torch.fx.experimental import _config as fx_config
+        with fx_config.patch(use_duck_shape=False):
+            self._warm_up(device)
+        log.info("decode: the fast path compiled in %.1f s", time.perf_counter() - started)
+
+    def _warm_up(self, device: torch.device) -> None:
+        from lifecycle.serve.batch import GROW, Batch
+
+        for rows in (1, 2):
+            shape = (rows, self.kv_heads, GROW, self.head_dim)
+            caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(2 * len(self.layers))]
+            scratch = Batch(caches[::2], caches[1::2], torch.zeros(rows, GROW, dtype=torch.bool, device=device),
+                            torch.zeros(rows, dtype=torch.long, device=device), 0)
+            with torch.no_grad():
+                positions, mask = scratch.step_inputs(self.dtype)
+                self(torch.zeros(rows, dtype=torch.long, device=device), positions[:, 0], mask, scratch)
 
     def _layer(self, layer, intermediate: int) -> dict:
         a, m = layer.self_attn, layer.mlp
@@ -143,11 +182,39 @@ class FastDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch) -> torch.Tensor:
         """Logits (rows, V) after feeding ids (rows,) at positions (rows,), mask (rows, 1, 1, t + 1) from
         batch.step_inputs; keys and values go to the batch's column t."""
-        rows, t = ids.shape[0], batch.t
+        keys, values = [cache.keys for cache in batch.layers], [cache.values for cache in batch.layers]
+        if self.compiled is not None:
+            column = torch.tensor([batch.t], device=ids.device)
+            return self.compiled(ids, positions, batch.bias[:, None, None, :], column, keys, values)
+        t = batch.t
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys[i].select(2, t).copy_(k)
+            values[i].select(2, t).copy_(v)
+            return F.scaled_dot_product_attention(q, keys[i].narrow(2, 0, t + 1), values[i].narrow(2, 0, t + 1),
+                                                  attn_mask=mask, scale=self.scale)
+        return self._forward(ids, positions, attend)
+
+    def _capacity_step(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor, column: torch.Tensor,
+                       keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """The step torch.compile sees: attention over every preallocated column under the additive `bias`
+        (rows, 1, 1, capacity), the new keys and values written at `column` (1,), a tensor, so no shape or value
+        here changes from one step to the next."""
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys[i].index_copy_(2, column, k[:, :, None])
+            values[i].index_copy_(2, column, v[:, :, None])
+            return F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=bias, scale=self.scale)
+        return self._forward(ids, positions, attend)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layers; attend(layer, q, k, v) stores this step's k and v (rows, kv heads, hd) and returns the
+        attention output (rows, kv heads, q heads per kv head, hd)."""
+        rows = ids.shape[0]
         nq, nkv, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = self._rotation(positions)
         x = F.embedding(ids, self.embed)  # (rows, hidden)
-        for layer, cache in zip(self.layers, batch.layers):
+        for i, layer in enumerate(self.layers):
             heads = layer["qkv"](self._norm(x, layer["norm1"])).view(rows, nq + 2 * nkv, hd)
             if layer["q_norm"] is None:
                 qk = _rope(heads[:, :nq + nkv], cos, sin)  # q and k rotated together: (rows, nq + nkv, hd)
@@ -155,12 +222,9 @@ class FastDecoder:
                 qk = torch.cat([self._norm(heads[:, :nq], layer["q_norm"]),
                                 self._norm(heads[:, nq:nq + nkv], layer["k_norm"])], 1)
                 qk = _rope(qk, cos, sin)
-            cache.keys.select(2, t).copy_(qk[:, nq:])
-            cache.values.select(2, t).copy_(heads[:, nq + nkv:])
             # Grouped-query attention on the kv heads: each kv head's query heads act as its queries (HF's pack_gqa).
             q = qk[:, :nq].reshape(rows, nkv, nq // nkv, hd)
-            out = F.scaled_dot_product_attention(q, cache.keys.narrow(2, 0, t + 1), cache.values.narrow(2, 0, t + 1),
-                                                 attn_mask=mask, scale=self.scale)  # (rows, nkv, nq / nkv, hd)
+            out = attend(i, q, qk[:, nq:], heads[:, nq + nkv:])
             x = x + layer["o"](out.reshape(rows, nq * hd))
             gate, up = layer["gate_up"](self._norm(x, layer["norm2"])).split(layer["split"], -1)
             x = x + layer["down"](F.silu(gate) * up)

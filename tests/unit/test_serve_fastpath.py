@@ -176,3 +176,27 @@ def test_float32_weights_are_stored_transposed_once_and_the_tied_embedding_follo
     half = random_model("llama").to(torch.bfloat16)
     fastpath.build(half)
     assert half.model.layers[0].self_attn.o_proj.weight.is_contiguous()  # only float32 is transposed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
+def test_the_compiled_step_equals_the_hf_forward_and_never_recompiles(family, tokenizer, monkeypatch):
+    # Compiled at build for one row and for several; joins, leaves, capacity growths and new columns must then run
+    # on those two graphs (a recompile is a ~20 s stall mid-serving). The scratch capacity equals head_dim (16), as
+    # the default GROW (64) equals the 11M model's: a "duck" size guard would then fail at the first growth.
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setattr(batch_module, "GROW", DIMS["hidden_size"] // DIMS["num_attention_heads"])
+    model = random_model(family)
+    fast = ServedModel(model, tokenizer, "base", compile=True)
+    slow = ServedModel(copy.deepcopy(random_model(family)), tokenizer, "base", fast_decode=False)
+    assert fast.fast.compiled is not None
+    compiles = dynamo_utils.counters["stats"]["unique_graphs"]
+    worst, grows = lockstep(fast, slow, 24)
+    assert worst < 1e-5 and grows >= 1
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == compiles
+
+
+def test_int8_models_are_not_compiled(tokenizer):
+    model = random_model("llama_int8")
+    assert ServedModel(model, tokenizer, "base", compile=True).fast.compiled is None
