@@ -32,7 +32,7 @@ class LocalEngine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.device, self.dtype, self.threads = device, dtype, threads
         self.fast_decode = fast_decode  # the base model's decode steps by lifecycle.serve.fastpath where it applies
-        self.compile = compile  # ... torch.compile'd at start (fastpath.FastDecoder; 48 s for an 11M Llama on 2 cores)
+        self.compile = compile  # ... torch.compile'd at start (fastpath.FastDecoder; 48-73 s for an 11M Llama, 2 cores)
         self.model_root = Path(model_root).resolve() if model_root else None
         self.context_length = context_length or _configured_context(self.model_dir)
         self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready

@@ -21,7 +21,7 @@ Compiled (`compile=True`, deploy.engine.compile): the same step through torch.co
 C++ wrapper), attending over the batch's whole preallocated capacity with its additive mask (spare columns are zeros
 and masked) and writing the new key/value with index_copy_ at a column given as a tensor, so neither a new column nor
 a capacity growth recompiles it. Compiled once for one row and once for several (torch specialises size 1) when the
-decoder is built (engine start-up with it: 48 s for the 11M Llama, 224 s for a 120M one on 2 CPU cores), then 1.5x
+decoder is built (engine start-up with it: 48-73 s for the 11M Llama, 224 s for a 120M one on 2 CPU cores), then 1.5x
 the eager step on the 11M Llama, 1.1x on the 120M one. Not for int8 modules (the eager step serves them).
 
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
