@@ -59,13 +59,14 @@ def measure_read_bandwidth(device: torch.device, nbytes: int = 2**30, seconds: f
 def decode_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one batch-1 decode step reads: every parameter but the input embeddings (one row each),
     plus the output projection when it is tied to them; int8 packed weights count at their stored size."""
+    from lifecycle.models.int8 import quantized_names
+
     embedding = model.get_input_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
-    for module in model.modules():  # torch.ao dynamic int8 Linear keeps its weight outside parameters()
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            weight, bias = packed._weight_bias()
-            total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+    tensors = [p for p in model.parameters() if p is not embedding]
+    modules = dict(model.named_modules())
+    for name in quantized_names(model):  # torch.ao int8 Linear keeps its weight outside parameters()
+        tensors += [t for t in (modules[name].weight(), modules[name].bias()) if t is not None]
+    total = sum(t.numel() * t.element_size() for t in tensors)
     output = model.get_output_embeddings()
     if output is not None and getattr(output, "weight", None) is embedding:
         total += embedding.numel() * embedding.element_size()
