@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import AsyncIterator
 
+from lifecycle.errors import ConfigError
 from lifecycle.serve.protocol import (
     ContextTooLong, EngineError, Event, GenerationRequest, InvalidPrompt, ModelNotFound, NoChatTemplate, NotReady,
     Overloaded,
@@ -25,7 +26,8 @@ class LocalEngine:
     def __init__(self, model: str, name: str | None = None, adapters: dict[str, str] | None = None,
                  max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
                  device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-                 model_root: str | None = None, fast_decode: bool = True, compile: bool = False):
+                 model_root: str | None = None, fast_decode: bool = True, compile: bool = False,
+                 native: bool | str = "auto"):
         self.model_dir = Path(model)
         self.name = name or self.model_dir.name
         self.adapter_dirs = dict(adapters or {})
@@ -33,6 +35,9 @@ class LocalEngine:
         self.device, self.dtype, self.threads = device, dtype, threads
         self.fast_decode = fast_decode  # the base model's decode steps by lifecycle.serve.fastpath where it applies
         self.compile = compile  # ... torch.compile'd at start (fastpath.FastDecoder; 48-73 s for an 11M Llama, 2 cores)
+        if native not in (True, False, "auto"):
+            raise ConfigError(f"deploy.engine.native must be true, false or auto, got {native!r}")
+        self.native = native  # ... or run in C (lifecycle.serve.native): auto where it builds and applies
         self.model_root = Path(model_root).resolve() if model_root else None
         self.context_length = context_length or _configured_context(self.model_dir)
         self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready
@@ -199,7 +204,7 @@ class LocalEngine:
         wanted = getattr(torch, self.dtype)
         if next(model.parameters()).dtype != wanted:
             model = model.to(wanted)
-        served = ServedModel(model, tokenizer, self.name, self.fast_decode, self.compile)
+        served = ServedModel(model, tokenizer, self.name, self.fast_decode, self.compile, self.native)
         self.context_length = self.context_length or model.config.max_position_embeddings
         for adapter, directory in self.adapter_dirs.items():
             served.add_adapter(adapter, Path(directory))

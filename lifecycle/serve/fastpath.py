@@ -44,7 +44,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 log = logging.getLogger(__name__)
 
 
-def build(model, compile: bool = False) -> FastDecoder | None:
+def build(model, compile: bool = False, native: bool | str = False) -> FastDecoder | None:
     """The fast decode step for `model`, or None where `unsupported(model)` gives a reason (logged either way)."""
     reason = unsupported(model)
     if reason:
@@ -52,7 +52,7 @@ def build(model, compile: bool = False) -> FastDecoder | None:
         return None
     log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
              model.config.num_hidden_layers)
-    return FastDecoder(model, compile)
+    return FastDecoder(model, compile, native)
 
 
 def unsupported(model) -> str | None:
@@ -89,7 +89,7 @@ def unsupported(model) -> str | None:
 class FastDecoder:
     """One decode step for all rows of a batch; built once per loaded model."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, native: bool | str = False):
         config, first = model.config, model.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
             first.head_dim
@@ -102,14 +102,39 @@ class FastDecoder:
         # float32 on the CPU: weights stored transposed (see the module docstring)
         self.transpose = self.dtype == torch.float32 and self.embed.device.type == "cpu"
         self.fused: list[tuple[nn.Parameter, torch.Tensor]] = []  # (module weight, the view it must still be)
+        self.int8 = type(model.lm_head) is not nn.Linear
         self.head = self._single(model.lm_head)
+        self.head_tensors = _tensors(self.head)
         self.layers = [self._layer(layer, config.intermediate_size) for layer in model.model.layers]
         self.compiled = None
-        if compile:
+        self.native = None
+        if native:
+            self.native = self._native(model, native)
+        if compile and self.native is not None:
+            log.info("decode: compile skipped (the native step serves this model)")
+        elif compile:
             if type(model.lm_head) is not nn.Linear or type(model.model.layers[0].mlp.down_proj) is not nn.Linear:
                 log.info("decode: compile skipped (int8 modules); the eager fast path serves this model")
             else:
                 self._compile()
+
+    def _native(self, model, mode: bool | str):
+        """The C step (lifecycle.serve.native), or None where it cannot run and mode is "auto" (logged why)."""
+        from lifecycle.serve import native
+
+        reason = native.unsupported(self)
+        if reason is None:
+            try:
+                step = native.NativeStep(self, model)
+                log.info("decode: the native step (C, %s)", "int8 weights" if self.int8 else "float32")
+                return step
+            except native.NativeUnavailable as e:
+                reason = str(e)
+        if mode == "auto":
+            log.warning("decode: the native step is off (%s); the torch fast path serves", reason)
+            return None
+        raise native.NativeUnavailable(f"deploy.engine.native=true but {reason}; set deploy.engine.native=auto "
+                                       "(or false) to serve with the torch fast path")
 
     def _compile(self) -> None:
         """torch.compile the whole-capacity step and compile it now for one row and for two, on scratch caches."""
@@ -139,12 +164,14 @@ class FastDecoder:
     def _layer(self, layer, intermediate: int) -> dict:
         a, m = layer.self_attn, layer.mlp
         q_norm = getattr(a, "q_norm", None)
-        return {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight,
+        spec = {"norm1": layer.input_layernorm.weight, "norm2": layer.post_attention_layernorm.weight,
                 "qkv": self._fuse([a.q_proj, a.k_proj, a.v_proj]), "o": self._single(a.o_proj),
                 "gate_up": self._fuse([m.gate_proj, m.up_proj]), "down": self._single(m.down_proj),
                 "split": intermediate,
                 "q_norm": None if q_norm is None else q_norm.weight,
                 "k_norm": None if q_norm is None else a.k_norm.weight}
+        spec["tensors"] = {name: _tensors(spec[name]) for name in ("qkv", "o", "gate_up", "down")}
+        return spec
 
     def _fuse(self, linears: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
         """One call computing all of `linears` on the same input, their outputs side by side on the last dim."""
@@ -173,7 +200,7 @@ class FastDecoder:
         if self.transpose and linear.weight.is_contiguous():
             linear.weight.data = linear.weight.detach().t().contiguous().t()
             self.fused.append((linear.weight, linear.weight.data))
-        return partial(_linear, linear.weight, linear.bias)  # the live parameters
+        return partial(F.linear, weight=linear.weight, bias=linear.bias)  # the live parameters
 
     def stale(self) -> bool:
         """Whether a module's weight was replaced since the fusion (its fused copy no longer reads the same)."""
@@ -182,6 +209,8 @@ class FastDecoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch) -> torch.Tensor:
         """Logits (rows, V) after feeding ids (rows,) at positions (rows,), mask (rows, 1, 1, t + 1) from
         batch.step_inputs; keys and values go to the batch's column t."""
+        if self.native is not None:
+            return self.native(ids, positions, batch)
         keys, values = [cache.keys for cache in batch.layers], [cache.values for cache in batch.layers]
         if self.compiled is not None:
             column = torch.tensor([batch.t], device=ids.device)
@@ -254,8 +283,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + swapped * signed_sin
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+def _tensors(linear: Callable) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a float linear made by _fuse or _single; None for an int8 module."""
+    return (linear.keywords["weight"], linear.keywords["bias"]) if isinstance(linear, partial) else None
 
 
 def _linears_of_one_kind(modules: list[nn.Module]) -> bool:

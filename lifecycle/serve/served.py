@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """A base model, its tokenizer and the adapters loaded onto it; one adapter (or none) active per forward."""
 
-    def __init__(self, model, tokenizer, base_name: str, fast_decode: bool = True, compile: bool = False):
+    def __init__(self, model, tokenizer, base_name: str, fast_decode: bool = True, compile: bool = False,
+                 native: bool | str = False):
         self.lm, self.tokenizer, self.base_name = model, tokenizer, base_name
         self.wrapper = None           # what load_adapter returned: a PeftModel or our BottleneckModel
         self.tuner = None             # its tuner (LoraModel, IA3Model, BottleneckModel): switches adapter layers
@@ -32,7 +33,8 @@ class ServedModel:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.compile = compile  # torch.compile the fast step (fastpath.FastDecoder)
-        self.fast = fastpath.build(model, compile) if fast_decode else None  # the base's steps; adapters use HF's
+        self.native = native  # the fast step in C (lifecycle.serve.native): True, False or "auto"
+        self.fast = fastpath.build(model, compile, native) if fast_decode else None  # the base's steps; adapters use HF's
         if not fast_decode:
             log.info("decode: the HF forward (fast_decode is off)")
 
@@ -70,7 +72,7 @@ class ServedModel:
     def _fast(self):
         """The fast decode step (None: the HF forward), fused again if a weight was replaced since (a dtype change)."""
         if self.fast is not None and self.fast.stale():
-            self.fast = fastpath.build(self.lm, self.compile)
+            self.fast = fastpath.build(self.lm, self.compile, self.native)
         return self.fast
 
     def select(self, name: str) -> None:

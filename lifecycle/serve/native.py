@@ -1,0 +1,263 @@
+"""The decode step in C (native_step.c): a whole step in one call, for float32 and int8 Llama-layout models on the CPU.
+
+At batch 1 on a small model a torch step is mostly operator dispatch and OpenMP fork/join, not arithmetic: on the
+11M default Llama the eager fast path takes ~3 ms a step, torch.compile's ~2 ms, while its bare matrix products take
+~0.7 ms. This step runs in one OpenMP parallel region with each matrix read once by a register-blocked kernel.
+
+Build: the C file is compiled on first use with the machine's C compiler (`$CC`, else `cc`; -O3 -march=native
+-fopenmp, ~2 s) into `$LIFECYCLE_NATIVE_CACHE` (default ~/.cache/lifecycle/native), named by a digest of the source,
+flags, compiler and CPU, so a rebuilt file never mixes with an old one and another machine recompiles. It links the
+same libgomp torch loaded (one OpenMP thread pool in the process). No compiler, or a failed build, raises
+`NativeUnavailable` with the reason; deploy.engine.native=auto then serves with the torch fast path and logs why.
+
+Numerics: float32 sums in index order per output column (torch's GEMM blocks them otherwise), so logits equal the HF
+forward's to float rounding; int8 weights are weight-only here (activations stay float32: x @ (q * scale)), which is
+closer to float32 than torch.ao's dynamic int8 that the prefill (the HF forward) uses.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_step.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+class NativeUnavailable(RuntimeError):
+    """The C step cannot be built or loaded here; the message says why and what to do."""
+
+
+class Lin(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("ld", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("qkv", Lin), ("o", Lin), ("gate_up", Lin), ("down", Lin)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32),
+                ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("int8", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("embed", ctypes.c_void_p), ("embed_s0", ctypes.c_int64),
+                ("embed_s1", ctypes.c_int64), ("final_norm", ctypes.c_void_p), ("head", Lin),
+                ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p), ("max_pos", ctypes.c_int64),
+                ("layers", ctypes.POINTER(Layer))]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIFECYCLE_NATIVE_CACHE") or Path.home() / ".cache/lifecycle/native")
+
+
+def library() -> ctypes.CDLL:
+    """The compiled step, built on first use (see the module docstring); raises NativeUnavailable."""
+    global _library
+    with _lock:
+        if _library is None:
+            _library = _load(_build())
+        return _library
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise NativeUnavailable(f"no C compiler: {cc!r} is not on PATH (install gcc, or set CC); "
+                                "deploy.engine.native=false serves with the torch step without trying")
+    return path
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    cc = _compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"the C compiler {cc} does not run: {e}") from e
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu().encode(),
+                                        torch.__version__.encode()])).hexdigest()[:16]
+    directory = cache_dir()
+    target = directory / f"native_step-{digest}.so"
+    if target.is_file():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot create the build directory {directory}: {e}; set LIFECYCLE_NATIVE_CACHE to "
+                                "a writable directory") from e
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    command = [cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise NativeUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+        os.replace(partial, target)  # atomic: a concurrent build of the same digest writes the same bytes
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {e}") from e
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    log.info("decode: compiled the native step into %s", target)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))  # releases the GIL during calls
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load {path}: {e}; delete it to rebuild") from e
+    lib.lc_step.restype = ctypes.c_int
+    lib.lc_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_int]
+    lib.lc_work_floats.restype = ctypes.c_int64
+    lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
+    return lib
+
+
+def unsupported(decoder) -> str | None:
+    """Why the C step cannot run this FastDecoder's model; None when it can."""
+    if decoder.embed.device.type != "cpu":
+        return f"weights on {decoder.embed.device.type} (the C step runs on the CPU)"
+    if decoder.dtype != torch.float32:
+        return f"dtype {decoder.dtype} (the C step computes float32 and int8)"
+    if decoder.heads % decoder.kv_heads:
+        return "query heads not a multiple of kv heads"
+    return None
+
+
+class NativeStep:
+    """The C step for one FastDecoder's model: the model's weights described once, called once per decode step."""
+
+    def __init__(self, decoder, model):
+        self.lib = library()
+        self.decoder = decoder
+        config = model.config
+        self.keep: list[torch.Tensor] = []  # every tensor the C side points at stays alive with this object
+        self.int8 = decoder.int8
+        layers = (Layer * len(decoder.layers))()
+        for spec, source, layer in zip(decoder.layers, model.model.layers, layers):
+            layer.norm1, layer.norm2 = self._ptr(spec["norm1"]), self._ptr(spec["norm2"])
+            layer.q_norm = self._ptr(spec["q_norm"]) if spec["q_norm"] is not None else None
+            layer.k_norm = self._ptr(spec["k_norm"]) if spec["k_norm"] is not None else None
+            a, m = source.self_attn, source.mlp
+            layer.qkv = self._lin([a.q_proj, a.k_proj, a.v_proj], spec["tensors"]["qkv"])
+            layer.o = self._lin([a.o_proj], spec["tensors"]["o"])
+            layer.gate_up = self._lin([m.gate_proj, m.up_proj], spec["tensors"]["gate_up"])
+            layer.down = self._lin([m.down_proj], spec["tensors"]["down"])
+        self.layers = layers
+        embed = decoder.embed.detach()
+        self.keep.append(embed)
+        self.vocab = model.lm_head.out_features
+        self.model = Model(n_layers=len(decoder.layers), hidden=config.hidden_size, heads=decoder.heads,
+                           kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, inter=config.intermediate_size,
+                           vocab=self.vocab, int8=int(self.int8), eps=decoder.eps, scale=decoder.scale,
+                           embed=embed.data_ptr(), embed_s0=embed.stride(0), embed_s1=embed.stride(1),
+                           final_norm=self._ptr(decoder.final_norm), head=self._lin([model.lm_head], decoder.head_tensors),
+                           layers=layers)
+        self._tables(max(config.max_position_embeddings, 1))
+        self.work: dict[int, torch.Tensor] = {}
+        self.caches: tuple | None = None  # (key storage ids, keys array, values array)
+
+    def _ptr(self, tensor: torch.Tensor) -> int:
+        tensor = tensor.detach()
+        if not tensor.is_contiguous():
+            raise ValueError("a norm weight is not contiguous")
+        self.keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _lin(self, modules, tensors) -> Lin:
+        """A (in, out) row-major matrix: float32 from the fast path's transposed storage, int8 repacked here."""
+        if not self.int8:
+            weight, bias = tensors  # weight: (out, in) view of (in, out) row-major storage
+            if weight.stride(0) != 1:
+                raise ValueError("a float32 weight is not stored transposed")
+            weight = weight.detach()  # holds today's storage even if the parameter's .data is replaced later
+            bias = None if bias is None else bias.detach()
+            self.keep += [weight] + ([bias] if bias is not None else [])
+            return Lin(w=weight.data_ptr(), scale=None, bias=None if bias is None else bias.data_ptr(),
+                       ld=weight.stride(1))
+        weights, scales, biases = [], [], []
+        for module in modules:
+            q = module.weight()
+            if q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                if bool((q.q_per_channel_zero_points() != 0).any()):
+                    raise ValueError("int8 weights with nonzero zero points")
+                scale = q.q_per_channel_scales().float()
+            else:
+                if q.q_zero_point() != 0:
+                    raise ValueError("int8 weights with a nonzero zero point")
+                scale = torch.full((q.shape[0],), q.q_scale(), dtype=torch.float32)
+            weights.append(q.int_repr().t())
+            scales.append(scale)
+            bias = module.bias()
+            biases.append(bias)
+        weight = torch.cat(weights, 1).contiguous()  # (in, out) int8
+        scale = torch.cat(scales).contiguous()
+        bias = torch.cat([b.detach().float() for b in biases]).contiguous() if biases[0] is not None else None
+        self.keep += [weight, scale] + ([bias] if bias is not None else [])
+        return Lin(w=weight.data_ptr(), scale=scale.data_ptr(), bias=None if bias is None else bias.data_ptr(),
+                   ld=weight.stride(0))
+
+    def _tables(self, positions: int) -> None:
+        """HF's cos and sign-folded sin for positions [0, positions), computed by the fast path's own function."""
+        cos, sin = self.decoder._rotation(torch.arange(positions))
+        self.cos, self.sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        self.model.cos_t, self.model.sin_t = self.cos.data_ptr(), self.sin.data_ptr()
+        self.model.max_pos = positions
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        rows = ids.shape[0]
+        layers = batch.layers
+        cap = layers[0].keys.shape[2]
+        key = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
+        if self.caches is None or self.caches[0] != key:
+            for layer in layers:
+                if not (layer.keys.is_contiguous() and layer.values.is_contiguous()):
+                    raise ValueError("the batch's key/value storage is not contiguous")
+            keys = (ctypes.c_void_p * len(layers))(*(layer.keys.data_ptr() for layer in layers))
+            values = (ctypes.c_void_p * len(layers))(*(layer.values.data_ptr() for layer in layers))
+            self.caches = (key, keys, values)
+        work = self.work.get(rows)
+        if work is None:
+            work = self.work[rows] = torch.empty(self.lib.lc_work_floats(ctypes.byref(self.model), rows))
+        ids = ids.contiguous()
+        positions = positions.contiguous()
+        bias = batch.bias
+        if not bias.is_contiguous() or bias.dtype != torch.float32:
+            raise ValueError("the batch's mask is not a contiguous float32 tensor")
+        logits = torch.empty(rows, self.vocab)
+        while True:
+            done = self.lib.lc_step(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(),
+                                    bias.data_ptr(), cap, batch.t, self.caches[1], self.caches[2],
+                                    logits.data_ptr(), work.data_ptr(), torch.get_num_threads())
+            if done == 0:
+                return logits
+            # a position past the rope table: double it (positions are checked before anything is written)
+            self._tables(max(2 * self.model.max_pos, int(positions.max()) + 1))

@@ -1,0 +1,148 @@
+"""The C decode step (lifecycle.serve.native) against the HF forward: logits step by step per family, with 1 and 2
+threads, more rows than one kernel call takes, int8 weights, rope tables outgrown; its build cache and what happens
+without a compiler."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from serve_models import tokenizer  # noqa: F401
+from test_serve_fastpath import FAMILIES, lockstep, random_model
+
+from lifecycle.errors import ConfigError
+from lifecycle.serve import batch as batch_module
+from lifecycle.serve import native
+from lifecycle.serve.batch import Batch
+from lifecycle.serve.engine import LocalEngine
+from lifecycle.serve.served import ServedModel
+
+FLOAT_FAMILIES = [f for f in FAMILIES if f != "llama_int8"]
+
+
+@pytest.fixture
+def small_grow(monkeypatch):
+    monkeypatch.setattr(batch_module, "GROW", 4)  # a capacity growth every 4 steps: the cache pointers change
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("family", FLOAT_FAMILIES)
+def test_native_steps_equal_the_hf_forward_through_joins_leaves_and_growth(family, tokenizer, small_grow, threads):
+    model = random_model(family)
+    fast = ServedModel(model, tokenizer, "base", native=True)
+    slow = ServedModel(copy.deepcopy(random_model(family)), tokenizer, "base", fast_decode=False)
+    assert fast.fast.native is not None
+    worst, grows = lockstep(fast, slow, 24)
+    assert worst < 1e-5 and grows >= 4
+
+
+def test_a_wrong_rope_table_fails_the_comparison(tokenizer, small_grow):
+    """Negative control: the comparison catches a C step that is subtly wrong."""
+    fast = ServedModel(random_model("llama_gqa"), tokenizer, "base", native=True)
+    slow = ServedModel(random_model("llama_gqa"), tokenizer, "base", fast_decode=False)
+    fast.fast.native.sin.mul_(-1)
+    assert lockstep(fast, slow, 8)[0] > 1e-3
+
+
+def _prefilled(model, rows: int, length: int) -> Batch:
+    torch.manual_seed(1)
+    prompts = torch.randint(1, model.config.vocab_size, (rows, length))
+    with torch.no_grad():
+        cache = model(prompts, use_cache=True).past_key_values
+    return Batch.from_prefill(cache, torch.ones(rows, length, dtype=torch.bool))
+
+
+def _steps(step, batch: Batch, ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            positions, mask = batch.step_inputs(torch.float32)
+            logits = step(ids, positions[:, 0], mask, batch)
+            out.append(logits)
+            ids = logits.argmax(-1)
+            batch.advance()
+    return out
+
+
+def _hf_step(model):
+    def step(ids, positions, mask, batch):
+        return model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=mask, cache=batch,
+                     use_cache=True).logits[:, -1]
+    return step
+
+
+def test_int8_weights_equal_their_dequantized_float32_model_on_more_rows_than_one_kernel_call(tokenizer, threads):
+    # The C step is weight-only int8: x @ (q * scale). A float32 model holding exactly q * scale is its reference,
+    # both decoding the same prefilled batch of 6 rows (kernel calls take 4).
+    from lifecycle.models import int8
+
+    quantized = random_model("llama_int8")
+    dequantized = random_model("llama_gqa")
+    with torch.no_grad():
+        for name, param in quantized.named_parameters():  # norms and embedding: float in both
+            dequantized.get_parameter(name).copy_(param)
+        for name, module in quantized.named_modules():
+            if hasattr(module, "weight") and callable(module.weight):
+                dequantized.get_submodule(name).weight.copy_(module.weight().dequantize())
+    assert int8.quantized_names(quantized)
+    step = ServedModel(quantized, tokenizer, "base", native=True).fast
+    assert step.native is not None and step.native.int8
+    batch = _prefilled(dequantized, 6, 9)
+    reference = copy.deepcopy(batch)
+    ids = torch.arange(2, 8)
+    got, want = _steps(step, batch, ids, 10), _steps(_hf_step(dequantized), reference, ids, 10)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-4
+
+
+def test_positions_past_the_rope_table_grow_it(tokenizer):
+    model = random_model("llama")
+    step = ServedModel(model, tokenizer, "base", native=True).fast
+    step.native._tables(3)  # the prompt below already reaches position 8
+    batch = _prefilled(model, 2, 8)
+    reference = copy.deepcopy(batch)
+    ids = torch.tensor([3, 4])
+    got, want = _steps(step, batch, ids, 6), _steps(_hf_step(random_model("llama")), reference, ids, 6)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
+    assert step.native.model.max_pos >= 14
+
+
+def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFECYCLE_NATIVE_CACHE", str(tmp_path / "cache"))
+    first = native._build()
+    assert first.parent == tmp_path / "cache" and first.is_file()
+    assert native._build() == first  # no second compile
+    edited = tmp_path / "native_step.c"
+    edited.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native._build() != first
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no partial file left
+
+
+def test_without_a_compiler_auto_keeps_the_torch_step_and_true_says_why(tokenizer, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("LIFECYCLE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    with caplog.at_level(logging.WARNING, logger="lifecycle.serve.fastpath"):
+        served = ServedModel(random_model("llama"), tokenizer, "base", native="auto")
+    assert served.fast is not None and served.fast.native is None
+    assert "no-such-compiler" in caplog.text and "torch fast path serves" in caplog.text
+    with pytest.raises(native.NativeUnavailable, match="no-such-compiler.*native=auto"):
+        ServedModel(random_model("llama"), tokenizer, "base", native=True)
+
+
+def test_half_precision_models_keep_the_torch_step(tokenizer):
+    served = ServedModel(random_model("llama").to(torch.bfloat16), tokenizer, "base", native="auto")
+    assert served.fast is not None and served.fast.native is None
+
+
+def test_the_engine_rejects_a_bad_native_setting(tmp_path):
+    with pytest.raises(ConfigError, match="deploy.engine.native must be true, false or auto, got 'yes'"):
+        LocalEngine(str(tmp_path), native="yes")
