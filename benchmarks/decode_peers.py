@@ -7,8 +7,10 @@ turns over the prompts (2 a turn at batch 1, 8 batched), the order rotated each 
 alike (llama.cpp in a child process of --peer-python's venv, on the same weights as GGUF f32):
   hf_eager_b1, hf_compile_b1   HF generate() eager; with cache_implementation="static" and torch.compile'd forward
                                (its compile warm-up, one pass over every prompt, is timed apart)
-  engine_b1, engine_c8         our LocalEngine (its own process, as a server), one request at a time; 8 concurrent
-  engine_compiled_b1, _c8      the same with deploy.engine.compile=true (its start-up, compile included, timed apart)
+  engine_b1, engine_c8         our LocalEngine as configured by default (its own process, as a server; the decode step
+                               in C, deploy.engine.native=auto), one request at a time; 8 concurrent
+  engine_torch_b1, _c8         the same with deploy.engine.native=false (the torch fast path, eager)
+  engine_compiled_b1, _c8      with --engine-compile: native=false, compile=true (start-up, compile included, apart)
   hf_eager_b8                  HF generate() on left-padded batches of 8
   llama_cpp_b1                 llama-cpp-python's generate() (greedy), the KV cache reset per prompt
 Greedy tokens of every run are compared with hf_eager_b1's (same tokens up to EOS). llama.cpp batch 8 is reported
@@ -16,7 +18,9 @@ as skipped: the Python binding has no batched generation.
 
 B3 (--int8): the same decode runs on int8 weights at equal quality: ours (`lifecycle optimize optimize=int8`'s
 per-channel torch.ao int8, served by our engine), a user's one-line torch.ao `quantize_dynamic(model, {nn.Linear})`
-under HF generate(), and llama.cpp q8_0; plus the perplexity of each (and fp32's) on held-out stdlib source.
+under HF generate(), and llama.cpp q8_0; plus the perplexity of each (and fp32's) on held-out stdlib source. Our
+engine decodes int8 weight-only in C (x @ (q * scale)) after a torch.ao prefill: ours_int8_weight_only is the
+perplexity of that arithmetic (a float32 model holding q * scale), ours_int8 the torch.ao forward's.
 Goals (issue 10): B2 >= 3x HF eager, >= 1x llama.cpp f32 on the 124M model; B3 perplexity change <= 1%, >= 1.2x
 torch.ao, >= 1x q8_0. Figures go to benchmarks/results/decode_peers[-124m][-int8].json.
 
@@ -152,6 +156,18 @@ def perplexity(model, windows: list[list[int]]) -> float:
     return float(torch.exp(torch.tensor(nll / count)))
 
 
+def dequantized(model, quantized):
+    """`model` (float32) holding `quantized`'s int8 weights times their scales: the arithmetic of our C step's
+    weight-only int8 (lifecycle.serve.native)."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if hasattr(module, "weight") and callable(module.weight):
+                model.get_submodule(name).weight.copy_(module.weight().dequantize())
+    return model
+
+
 def hf_compiled(model):
     """HF's recipe for fast generate(): a static KV cache and a torch.compile'd forward."""
     import torch
@@ -176,10 +192,12 @@ async def take_turns(engine_dir: Path, args, prompts, b1: dict, batched: dict, w
     from serve_engine import EngineProcess, taking_turns
 
     c, n = args.concurrency, args.new_tokens
-    engines = {prefix: EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts), threads=args.threads)}
-    if not args.no_compile and not args.int8:  # deploy.engine.compile=true; int8 modules are not compiled
+    engines = {prefix: EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts), threads=args.threads),
+               f"{prefix}_torch": EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts),
+                                                threads=args.threads, native=False)}
+    if args.engine_compile and not args.int8:  # deploy.engine.compile=true; int8 modules are not compiled
         engines[f"{prefix}_compiled"] = EngineProcess(engine_dir, max_batch_size=c, max_queue=len(prompts),
-                                                      threads=args.threads, compile=True)
+                                                      threads=args.threads, compile=True, native=False)
         warmup[f"{prefix}_compiled"] = round(engines[f"{prefix}_compiled"].start_s, 1)
     try:
         runs = await taking_turns({**{f"{name}_b1": functools.partial(e, new_tokens=n, concurrency=1)
@@ -203,7 +221,9 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--peer-python", type=Path, default=PEERS / "bin/python")
     p.add_argument("--no-compile", action="store_true",
-                   help="skip the compiled runs: HF static cache + torch.compile, our engine with compile=true")
+                   help="skip HF static cache + torch.compile")
+    p.add_argument("--engine-compile", action="store_true",
+                   help="also our engine with deploy.engine.compile=true and native=false (48-224 s start-up)")
     p.add_argument("--out", type=Path)
     p.add_argument("--llama-run", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -267,6 +287,7 @@ def main() -> None:
             quantized = int8.quantize(load_model(directory)[0].eval())
             ours_dir = save(quantized, tokenizer, tmp / "ours-int8", "int8", [], {})
             ppl["ours_int8"] = perplexity(load_model(ours_dir)[0].eval(), windows)
+            ppl["ours_int8_weight_only"] = perplexity(dequantized(load_model(directory)[0].eval(), quantized), windows)
             ao = torch.ao.quantization.quantize_dynamic(load_model(directory)[0].eval(), {torch.nn.Linear},
                                                         dtype=torch.qint8)
             ppl["torch_ao_int8"] = perplexity(ao, windows)
@@ -303,7 +324,7 @@ def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_pat
     ratios = {}
     c = args.concurrency
     if not args.int8:
-        for ours in ("engine", "engine_compiled"):
+        for ours in ("engine", "engine_torch", "engine_compiled"):
             if f"{ours}_b1" not in tps:
                 continue
             for peer in ("hf_eager_b1", "hf_compile_b1", "llama_cpp_b1"):
@@ -321,12 +342,15 @@ def report(runs, ppl, warmup, skipped, reference, args, model, n_params, out_pat
               f"{ceiling} GB/s (best sum over a buffer that size, before and after the runs); used at batch 1 (GB/s): {used}; 3x HF "
               f"eager would need {needed} GB/s ({needed / ceiling:.2f}x the measured read bandwidth)")
     else:
-        ratios["ours_int8_b1/torch_ao_int8_hf_b1"] = round(tps["ours_int8_b1"] / tps["torch_ao_int8_hf_b1"], 2)
-        ratios[f"ours_int8_c{c}/torch_ao_int8_hf_b{c}"] = round(tps[f"ours_int8_c{c}"] /
-                                                                 tps[f"torch_ao_int8_hf_b{c}"], 2)
-        if "llama_cpp_q8_0_b1" in tps:
-            ratios["ours_int8_b1/llama_cpp_q8_0_b1"] = round(tps["ours_int8_b1"] / tps["llama_cpp_q8_0_b1"], 2)
-        base = {"ours_int8": "fp32", "torch_ao_int8": "fp32", "llama_cpp_q8_0": "llama_cpp_f32"}
+        for ours in ("ours_int8", "ours_int8_torch"):
+            ratios[f"{ours}_b1/torch_ao_int8_hf_b1"] = round(tps[f"{ours}_b1"] / tps["torch_ao_int8_hf_b1"], 2)
+            ratios[f"{ours}_c{c}/torch_ao_int8_hf_b{c}"] = round(tps[f"{ours}_c{c}"] / tps[f"torch_ao_int8_hf_b{c}"],
+                                                                  2)
+            if "llama_cpp_q8_0_b1" in tps:
+                ratios[f"{ours}_b1/llama_cpp_q8_0_b1"] = round(tps[f"{ours}_b1"] / tps["llama_cpp_q8_0_b1"], 2)
+                ratios[f"{ours}_c{c}/llama_cpp_q8_0_b1"] = round(tps[f"{ours}_c{c}"] / tps["llama_cpp_q8_0_b1"], 2)
+        base = {"ours_int8": "fp32", "ours_int8_weight_only": "fp32", "torch_ao_int8": "fp32",
+                "llama_cpp_q8_0": "llama_cpp_f32"}
         ppl_change = {k: round(100 * (ppl[k] / ppl[b] - 1), 3) for k, b in base.items() if k in ppl and b in ppl}
         print("perplexity:", {k: round(v, 3) for k, v in ppl.items()}, "change %:", ppl_change)
         ratios["ppl_change_pct"] = ppl_change

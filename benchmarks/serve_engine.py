@@ -141,9 +141,9 @@ class EngineProcess:
     """
 
     def __init__(self, directory: Path, *, max_batch_size: int, max_queue: int, threads: int, fast_decode=True,
-                 compile=False):
+                 compile=False, native="auto"):
         spec = {"directory": str(directory), "max_batch_size": max_batch_size, "max_queue": max_queue,
-                "threads": threads, "fast_decode": fast_decode, "compile": compile}
+                "threads": threads, "fast_decode": fast_decode, "compile": compile, "native": native}
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, __file__, "--engine-child", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -173,7 +173,8 @@ async def engine_child(spec: dict) -> None:
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     engine = LocalEngine(spec["directory"], max_batch_size=spec["max_batch_size"], max_queue=spec["max_queue"],
-                         threads=spec["threads"], fast_decode=spec["fast_decode"], compile=spec["compile"])
+                         threads=spec["threads"], fast_decode=spec["fast_decode"], compile=spec["compile"],
+                         native=spec["native"])
     await engine.start()
     await engine_run(engine, [[5, 6, 7, 8]] * 2, 4, 1)  # warm-up
     print("{}", file=replies, flush=True)

@@ -137,7 +137,7 @@ def _load(path: Path) -> ctypes.CDLL:
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int]
     lib.lc_work_floats.restype = ctypes.c_int64
-    lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int]
+    lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -182,7 +182,7 @@ class NativeStep:
                            final_norm=self._ptr(decoder.final_norm), head=self._lin([model.lm_head], decoder.head_tensors),
                            layers=layers)
         self._tables(max(config.max_position_embeddings, 1))
-        self.work: dict[int, torch.Tensor] = {}
+        self.work: dict[tuple[int, int], torch.Tensor] = {}  # scratch per (rows, threads)
         self.caches: tuple | None = None  # (key storage ids, keys array, values array)
 
     def _ptr(self, tensor: torch.Tensor) -> int:
@@ -244,9 +244,11 @@ class NativeStep:
             keys = (ctypes.c_void_p * len(layers))(*(layer.keys.data_ptr() for layer in layers))
             values = (ctypes.c_void_p * len(layers))(*(layer.values.data_ptr() for layer in layers))
             self.caches = (key, keys, values)
-        work = self.work.get(rows)
+        threads = torch.get_num_threads()
+        work = self.work.get((rows, threads))
         if work is None:
-            work = self.work[rows] = torch.empty(self.lib.lc_work_floats(ctypes.byref(self.model), rows))
+            work = self.work[rows, threads] = torch.empty(self.lib.lc_work_floats(ctypes.byref(self.model), rows,
+                                                                                   threads))
         ids = ids.contiguous()
         positions = positions.contiguous()
         bias = batch.bias
@@ -256,7 +258,7 @@ class NativeStep:
         while True:
             done = self.lib.lc_step(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(),
                                     bias.data_ptr(), cap, batch.t, self.caches[1], self.caches[2],
-                                    logits.data_ptr(), work.data_ptr(), torch.get_num_threads())
+                                    logits.data_ptr(), work.data_ptr(), threads)
             if done == 0:
                 return logits
             # a position past the rope table: double it (positions are checked before anything is written)
