@@ -16,6 +16,8 @@
    bit. Vectors use GCC's vector extensions, lowered to AVX-512, AVX2 or SSE by -march=native. */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +74,29 @@ static inline v16 load16_i8(const int8_t *p) {
     return v;
 }
 #endif
+
+/* The threads of a step meet here between phases. Spins briefly, then yields the core: when the machine has more
+   runnable threads than cores (a server's event loop, another process), a thread that waits by spinning holds the
+   core its late sibling needs, and OpenMP's own barrier (spinning for ~300,000 rounds) then cost milliseconds. */
+typedef struct {
+    atomic_int arrived, phase;
+} Barrier;
+
+static void meet(Barrier *b, int nt) {
+    if (nt == 1) return;
+    int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == nt - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->phase, 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+        if (spins >= 2000) sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else __builtin_ia32_pause();
+#endif
+    }
+}
 
 /* Matrix products y = x @ W (* scale) (+ bias) in two phases, for all rows of x at once.
 
@@ -183,9 +208,9 @@ static void combine(const Lin *L, int64_t col0, int64_t n, const float *part, in
 }
 
 static void linear(int int8, const Lin *L, const float *x, int64_t ldx, int rows, int64_t in, int64_t n, float *y,
-                   int64_t ldy, int add, float *part, int tid, int nt) {
+                   int64_t ldy, int add, float *part, int tid, int nt, Barrier *b) {
     partial_sums(int8, L, 0, n, x, ldx, rows, in, part, tid, nt);
-#pragma omp barrier
+    meet(b, nt);
     combine(L, 0, n, part, rows, y, ldy, add, tid, nt);
 }
 
@@ -300,6 +325,7 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
     float *x = work, *qkv = x + rows * H, *att = qkv + rows * QKV, *mid = att + rows * A, *part = mid + rows * I,
           *norms = part + (int64_t)nthreads * rows * widest(m);
     int int8 = m->int8;
+    Barrier b = {0, 0};
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -307,39 +333,46 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
         float *h = norms + (int64_t)tid * rows * H; /* this thread's copy of the normed rows: no barrier after a norm */
         for (int r = tid; r < rows; r += nt)
             for (int64_t i = 0; i < H; i++) x[r * H + i] = m->embed[ids[r] * m->embed_s0 + i * m->embed_s1];
-#pragma omp barrier
+        meet(&b, nt);
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
-            linear(int8, &L->qkv, h, H, rows, H, QKV, qkv, QKV, 0, part, tid, nt);
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t rg = 0; rg < rows * nkv; rg++)
+            linear(int8, &L->qkv, h, H, rows, H, QKV, qkv, QKV, 0, part, tid, nt, &b);
+            meet(&b, nt);
+            for (int64_t rg = tid; rg < rows * nkv; rg += nt)
                 attend(m, L, l, (int)(rg / nkv), (int)(rg % nkv), qkv, QKV, pos, bias, cap, t, keys, values, att,
                        A, scores);
-            /* (the implicit barrier of omp for) */
-            linear(int8, &L->o, att, A, rows, A, H, x, H, 1, part, tid, nt);
-#pragma omp barrier
+            meet(&b, nt);
+            linear(int8, &L->o, att, A, rows, A, H, x, H, 1, part, tid, nt, &b);
+            meet(&b, nt);
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm2, h + r * H, H, m->eps);
             partial_sums(int8, &L->gate_up, 0, 2 * I, h, H, rows, H, part, tid, nt);
-#pragma omp barrier
+            meet(&b, nt);
             /* gate column c and up column I + c go to the same thread, which forms silu(gate) * up */
             int64_t lo, hi;
             share(I, tid, nt, &lo, &hi);
             for (int r = 0; r < rows; r++) {
                 float *o = mid + r * I;
-                for (int64_t c = lo; c < hi; c++) {
+                int64_t c = lo;
+                for (; c + 16 <= hi; c += 16) {
+                    float g[16], u[16];
+                    store16(g, reduced16(part, nt, rows, 2 * I, r, c, &L->gate_up, 0));
+                    store16(u, reduced16(part, nt, rows, 2 * I, r, I + c, &L->gate_up, 0));
+#pragma omp simd
+                    for (int k = 0; k < 16; k++) o[c + k] = g[k] / (1.f + exp_(-g[k])) * u[k];
+                }
+                for (; c < hi; c++) {
                     float g = reduced(part, nt, rows, 2 * I, r, c, &L->gate_up, 0);
                     float u = reduced(part, nt, rows, 2 * I, r, I + c, &L->gate_up, 0);
                     o[c] = g / (1.f + exp_(-g)) * u;
                 }
             }
-#pragma omp barrier
-            linear(int8, &L->down, mid, I, rows, I, H, x, H, 1, part, tid, nt);
-#pragma omp barrier
+            meet(&b, nt);
+            linear(int8, &L->down, mid, I, rows, I, H, x, H, 1, part, tid, nt, &b);
+            meet(&b, nt);
         }
         for (int r = 0; r < rows; r++) rms_norm(x + r * H, m->final_norm, h + r * H, H, m->eps);
-        linear(int8, &m->head, h, H, rows, H, m->vocab, logits, m->vocab, 0, part, tid, nt);
+        linear(int8, &m->head, h, H, rows, H, m->vocab, logits, m->vocab, 0, part, tid, nt, &b);
         free(scores);
     }
     return 0;
