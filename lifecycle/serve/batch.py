@@ -50,6 +50,8 @@ class Batch(Cache):
         self.positions = positions    # (rows,) long: the position of each row's next token
         self.t = t                    # columns in use; the next token of every row goes to column t
         self.bias: torch.Tensor | None = None  # (rows, capacity) additive mask made from `valid`, kept across steps
+        self._mask_of: torch.Tensor | None = None  # the bias that _mask views
+        self._mask: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -67,15 +69,20 @@ class Batch(Cache):
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""
-        if self.t == self.valid.shape[1]:
+        t = self.t
+        if t == self.valid.shape[1]:
             self._grow()
-        self.valid[:, self.t] = True
-        if self.bias is None or self.bias.dtype != dtype:
-            self.bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
-            self.bias.masked_fill_(~self.valid, torch.finfo(dtype).min)  # additive: right for sdpa and eager alike
+        # select/fill_ and a kept 4-d view of the bias: ~7 us a step where indexing with [:, t] and None took ~10
+        self.valid.select(1, t).fill_(True)
+        bias = self.bias
+        if bias is None or bias.dtype != dtype:
+            bias = self.bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+            bias.masked_fill_(~self.valid, torch.finfo(dtype).min)  # additive: right for sdpa and eager alike
         else:  # only column t changed since the last step
-            self.bias[:, self.t] = 0
-        return self.positions[:, None], self.bias[:, None, None, :self.t + 1]  # mask: (rows, 1, query=1, keys)
+            bias.select(1, t).zero_()
+        if self._mask_of is not bias:  # the (rows, 1, 1, capacity) view, made again only with a new bias
+            self._mask, self._mask_of = bias[:, None, None, :], bias
+        return self.positions.unsqueeze(1), self._mask[..., :t + 1]  # mask: (rows, 1, query=1, keys)
 
     def advance(self) -> None:
         """After a decode step: every row wrote column t."""

@@ -6,6 +6,24 @@ from typing import Callable
 CONTEXT = 6  # prompt tokens decoded before the first new one, so a leading space or a merged byte decodes right
 
 
+def plain_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` as a function, calling the Rust tokenizer directly where
+    transformers' decode would only wrap it (a TokenizersBackend that neither overrides decode nor cleans up spaces):
+    the same text at ~1.1 us a call instead of ~3.7 us, paid twice per generated token by the Detokenizer."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: its decode as it is
+        TokenizersBackend = PreTrainedTokenizerBase = None
+    kind = type(tokenizer)
+    if (TokenizersBackend is not None and isinstance(tokenizer, TokenizersBackend)
+            and kind._decode is TokenizersBackend._decode and kind.decode is PreTrainedTokenizerBase.decode
+            and not tokenizer.clean_up_tokenization_spaces):
+        backend = tokenizer._tokenizer
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class Detokenizer:
     """Turns tokens into text deltas as they come, holding back bytes that do not yet form a character.
 

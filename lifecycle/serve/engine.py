@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
+from functools import partial
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -44,6 +46,8 @@ class LocalEngine:
         self._served = None
         self._scheduler = None
         self._ready = False
+        self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}  # one per event loop that has asked
+        self._detok_decode = None     # decode() for the Detokenizer, the Rust tokenizer's where that is the same
 
     @property
     def ready(self) -> bool:
@@ -110,13 +114,28 @@ class LocalEngine:
             wait = s.job_seconds * (1 + len(s.pending)) / self.max_batch_size
             raise Overloaded(f"{s.running} running and {len(s.pending)} queued requests: at the limit of "
                              f"{self.max_batch_size} + {self.max_queue}", retry_after=max(1.0, round(wait, 1)))
-        events, loop = asyncio.Queue(), asyncio.get_running_loop()
-        job = Job(request, lambda event: _post(loop, events, event),
-                  Detokenizer(self.decode, request.prompt_ids), StopMatcher(request.sampling.stop),
+        events = asyncio.Queue()
+        job = Job(request, partial(self._outbox().post, events),
+                  Detokenizer(self._detok_decode, request.prompt_ids), StopMatcher(request.sampling.stop),
                   make_generator(request.sampling.seed))
         job.events = events
         s.submit(job)
         return job
+
+    def _outbox(self) -> Outbox:
+        """The running event loop's outbox (made on its first request; those of closed loops are dropped then)."""
+        loop = asyncio.get_running_loop()
+        box = self._outboxes.get(loop)
+        if box is None:
+            live = {old: b for old, b in self._outboxes.items() if not old.is_closed()}
+            box = live[loop] = Outbox(loop)
+            self._outboxes = live  # replaced, not mutated: the decode thread may be iterating the old one
+        return box
+
+    def _flush(self) -> None:
+        """Scheduler.flush: on the decode thread, hand every loop its queued events (one wake-up each at most)."""
+        for box in self._outboxes.values():
+            box.flush()
 
     def _check_prompt(self, request: GenerationRequest) -> None:
         n, m, limit = len(request.prompt_ids), request.sampling.max_tokens, self.context_length
@@ -176,10 +195,11 @@ class LocalEngine:
         thread that has run a parallel region keeps its own OpenMP team, libgomp then counts more threads than
         cores and stops spinning between regions, and every small op of a decode step pays a futex wake-up
         (measured on 2 cores: a (1, 256) x (256, 688) linear 10 us -> 92 us)."""
+        from lifecycle.serve.detok import plain_decoder
         from lifecycle.serve.scheduler import Scheduler
 
         self.load_error = None
-        scheduler = Scheduler(None, self.max_batch_size)
+        scheduler = Scheduler(None, self.max_batch_size, flush=self._flush)
         scheduler.thread.start()
         try:
             served = await asyncio.wrap_future(scheduler.call(self._load))
@@ -189,6 +209,7 @@ class LocalEngine:
             log.error("loading %s failed: %s", self.model_dir, e)
             raise
         scheduler.served = served
+        self._detok_decode = plain_decoder(served.tokenizer)
         self._served, self._scheduler = served, scheduler
         self._ready = True
 
@@ -223,12 +244,43 @@ class LocalEngine:
         return self._served.tokenizer
 
 
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
-    """Hand an event from the decode thread to the consumer's event loop (gone if the loop has closed)."""
-    try:
-        loop.call_soon_threadsafe(queue.put_nowait, event)
-    except RuntimeError:
-        pass
+class Outbox:
+    """Events from the decode thread to the queues of one event loop's consumers.
+
+    `post` (a job's emit) only appends; `flush`, run by the scheduler after each phase of a step, schedules one
+    delivery callback on the loop unless one is already pending. So 8 rows' tokens are one wake-up of the loop, not
+    8 call_soon_threadsafe (each a write to the loop's self-pipe and a GIL hand-off), and the consumers run while
+    the next forward does. Order per queue is kept (one FIFO)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque[tuple[asyncio.Queue, Event]] = deque()
+        self.scheduled = False        # a delivery is queued on the loop and has not yet started draining
+        self.closed = False           # the loop has closed: nothing will read these queues again
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Decode thread: queue `event` for `queue` (delivered at the next flush)."""
+        if not self.closed:
+            self.items.append((queue, event))
+
+    def flush(self) -> None:
+        """Decode thread: have the loop deliver what is queued. A delivery that has started draining clears
+        `scheduled` first, so an event posted meanwhile is either drained by it or schedules the next."""
+        if self.items and not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed (its consumers are gone)
+                self.closed = True
+                self.items.clear()
+
+    def _deliver(self) -> None:
+        """The loop's thread: every queued event into its queue, in order."""
+        self.scheduled = False
+        items = self.items
+        while items:
+            queue, event = items.popleft()
+            queue.put_nowait(event)
 
 
 def _configured_context(model_dir: Path) -> int:

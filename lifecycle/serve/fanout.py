@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from lifecycle.serve.protocol import Event, EngineError, GenerationRequest, TokenLogprob
 
 DONE = object()  # a job's end-of-events marker on the queue
+WAIT = object()  # Fanout.poll: nothing queued yet
 
 
 class ClientGone(Exception):
@@ -79,15 +80,28 @@ class Fanout:
             if item is DONE:
                 self.open -= 1
                 continue
-            if isinstance(item, EngineError):
-                raise item
-            if isinstance(item, Exception):
-                item = Event(finish_reason="error", error=f"engine failure: {type(item).__name__}: {item}")
-            if item.token_ids:
-                self.last_token_at = time.monotonic()
-                self.first_token_at = self.first_token_at or self.last_token_at
-            return index, item
+            return self._event(index, item)
         return None
+
+    def poll(self) -> tuple[int, Event] | None | object:
+        """next() without waiting: what it would return now, or WAIT if it would have to wait."""
+        while self.open and not self.queue.empty():
+            index, item = self.queue.get_nowait()
+            if item is DONE:
+                self.open -= 1
+                continue
+            return self._event(index, item)
+        return WAIT if self.open else None
+
+    def _event(self, index: int, item) -> tuple[int, Event]:
+        if isinstance(item, EngineError):
+            raise item
+        if isinstance(item, Exception):
+            item = Event(finish_reason="error", error=f"engine failure: {type(item).__name__}: {item}")
+        if item.token_ids:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
+        return index, item
 
     async def close(self) -> None:
         """Cancel every job still running and wait until each has let go of its engine slot."""

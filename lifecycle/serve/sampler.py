@@ -18,8 +18,18 @@ def make_generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
 
 
-def choose(logits: torch.Tensor, greedy: int, sampling: Sampling, generator: torch.Generator) -> int:
-    """The next token from one row of logits (V,); `greedy` is its argmax, computed for the whole batch at once."""
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax, (rows, V) -> rows ints. Float32 on the CPU goes through numpy's vectorised argmax: torch's
+    CPU argmax is a scalar loop, ~15 us a row of 8,192 (100 us for 8 rows) against numpy's ~1.3 us (5 us). Both
+    return the first maximum, and the first NaN where there is one."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and not logits.requires_grad:
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
+def choose(logits: torch.Tensor | None, greedy: int, sampling: Sampling, generator: torch.Generator) -> int:
+    """The next token from one row of logits (V,); `greedy` is its argmax, computed for the whole batch at once.
+    A greedy request (temperature 0) never reads `logits`, so the caller may pass None for it."""
     if sampling.temperature == 0:
         return greedy
     scores = logits.float() / sampling.temperature

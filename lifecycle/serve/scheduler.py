@@ -2,7 +2,12 @@
 
 Each step: run queued control calls (adapter loads), drop cancelled and expired jobs, prefill newcomers into free
 slots, then one forward per adapter group over all of its rows. Events go to the asyncio side through each job's
-`emit` (a call_soon_threadsafe into its queue); a failing job ends with finish_reason "error" and the rest go on.
+`emit`; the engine's emit only queues them, and the scheduler's `flush` hands each phase's events over at once (one
+wake-up of the event loop per step, not one per token) before the next forward. A failing job ends with
+finish_reason "error" and the rest go on.
+
+Per token outside the forward this loop does Python-int work only for a greedy request: the argmax of the whole
+batch through numpy (sampler.greedy_tokens), no per-row logits view unless the request samples or wants log-probs.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from lifecycle.serve.batch import Batch, merge
 from lifecycle.serve.detok import Detokenizer, StopMatcher
 from lifecycle.serve.protocol import Event, GenerationRequest, NotReady
-from lifecycle.serve.sampler import choose, make_generator, prompt_logprobs, token_logprob
+from lifecycle.serve.sampler import choose, greedy_tokens, make_generator, prompt_logprobs, token_logprob
 from lifecycle.serve.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 class Job:
     """One generation as the loop sees it."""
     request: GenerationRequest
-    emit: Callable[[Event], None]     # thread-safe hand-off to the consumer
+    emit: Callable[[Event], None]     # thread-safe hand-off to the consumer (may wait for Scheduler.flush)
     detok: Detokenizer
     stops: StopMatcher
     generator: torch.Generator
@@ -57,9 +62,12 @@ class Group:
 class Scheduler:
     """Owns the model between steps; everything that touches it runs on this thread."""
 
-    def __init__(self, served: ServedModel | None, max_batch_size: int):
-        """`served` may be None at first: the engine loads the model through `call` (on this thread), then sets it."""
+    def __init__(self, served: ServedModel | None, max_batch_size: int, flush: Callable[[], None] | None = None):
+        """`served` may be None at first: the engine loads the model through `call` (on this thread), then sets it.
+        `flush` (optional) delivers the events that jobs' `emit` queued; it runs on this thread after every phase
+        of an iteration that may have emitted (and after a failed iteration and at stop)."""
         self.served, self.max_batch_size = served, max_batch_size
+        self.flush = flush or _nothing
         self.pending: deque[Job] = deque()
         self.lock = threading.Lock()  # pending is appended on the event loop's thread, drained on this one
         self.groups: dict[str, Group] = {}
@@ -99,41 +107,54 @@ class Scheduler:
             self._fail_group(name, error)
 
     def _run(self) -> None:
-        while not self.stopping:
-            if not (self.pending or self.running or self.controls):
-                self.wake.wait()
-            self.wake.clear()
-            try:
-                self._iteration()
-            except Exception:  # a bug outside any one job: fail what runs, keep serving
-                log.exception("decode loop step failed")
-                for name in list(self.groups):
-                    self._fail_group(name, "internal error in the decode loop (logged by the server)")
-        self._abort_all()
+        # Grad mode is per thread: off once here rather than a no_grad context per step; control calls (model and
+        # adapter loads) run with it on, as they would anywhere else.
+        with torch.no_grad():
+            while not self.stopping:
+                if not (self.pending or self.running or self.controls):
+                    self.wake.wait()
+                if self.wake.is_set():
+                    self.wake.clear()
+                try:
+                    self._iteration()
+                except Exception:  # a bug outside any one job: fail what runs, keep serving
+                    log.exception("decode loop step failed")
+                    for name in list(self.groups):
+                        self._fail_group(name, "internal error in the decode loop (logged by the server)")
+                finally:
+                    self.flush()
+            self._abort_all()
+            self.flush()
 
     def _iteration(self) -> None:
-        while self.controls:
-            fn, future = self.controls.popleft()
-            try:
-                future.set_result(fn())
-            except Exception as e:
-                future.set_exception(e)
+        if self.controls:
+            with torch.enable_grad():
+                while self.controls:
+                    fn, future = self.controls.popleft()
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:
+                        future.set_exception(e)
         self._reap()
-        with torch.no_grad():
+        if self.pending:
             self._admit()
-            for name in list(self.groups):
-                self._step(name)
+            self.flush()  # first tokens out before the running groups' step
+        for name in list(self.groups):
+            self._step(name)
+            self.flush()  # this group's tokens out before the next forward
 
     def _reap(self) -> None:
         """Drop cancelled jobs silently and expired ones with finish_reason "timeout"."""
-        with self.lock:
-            gone = [j for j in self.pending if j.cancelled or j.expired]
+        now = time.monotonic()
+        if self.pending:
+            with self.lock:
+                gone = [j for j in self.pending if _gone(j, now)]
+                for job in gone:
+                    self.pending.remove(job)
             for job in gone:
-                self.pending.remove(job)
-        for job in gone:
-            self._finish(job, "timeout")
+                self._finish(job, "timeout")
         for name, group in list(self.groups.items()):
-            gone = [j for j in group.jobs if j.cancelled or j.expired]
+            gone = [j for j in group.jobs if _gone(j, now)]
             for job in gone:
                 self._finish(job, "timeout")
             if gone:
@@ -170,7 +191,7 @@ class Scheduler:
                 prompt = prompt_logprobs(lp, job.request.prompt_ids, job.request.sampling.logprobs,
                                          self.served.text)
             try:
-                self._advance(job, rows[-1], int(rows[-1].argmax()), prompt=prompt)
+                self._advance(job, rows, -1, greedy_tokens(rows[-1:])[0], prompt=prompt)
             except Exception as e:
                 log.exception("request %s failed", job.request.request_id)
                 self._finish(job, "error", error=f"{type(e).__name__}: {e}")
@@ -185,31 +206,37 @@ class Scheduler:
     def _step(self, name: str) -> None:
         """One decode step for every row of group `name`."""
         group = self.groups[name]
+        jobs = group.jobs
         try:
-            logits = self.served.decode(name, [j.last for j in group.jobs], group.batch)  # (rows, V)
+            logits = self.served.decode(name, [j.last for j in jobs], group.batch)  # (rows, V)
         except Exception as e:
             log.exception("decode step failed for model %s", name)
             self._fail_group(name, f"{type(e).__name__}: {e}")
             return
-        greedy = logits.argmax(-1).tolist()
-        for i, job in enumerate(group.jobs):
+        greedy = greedy_tokens(logits)
+        ended = False
+        for i, job in enumerate(jobs):
             try:
-                self._advance(job, logits[i], greedy[i])
+                self._advance(job, logits, i, greedy[i])
             except Exception as e:
                 log.exception("request %s failed", job.request.request_id)
                 self._finish(job, "error", error=f"{type(e).__name__}: {e}")
-        if any(j.done for j in group.jobs):
+            ended = ended or job.done
+        if ended:
             self._compact(name)
 
-    def _advance(self, job: Job, logits: torch.Tensor, greedy: int, prompt=None) -> None:
-        """Choose the job's next token from its logits row (V,), emit it, and finish the job if it ends here."""
+    def _advance(self, job: Job, logits: torch.Tensor, row: int, greedy: int, prompt=None) -> None:
+        """Choose the job's next token from row `row` of `logits` (rows, V), emit it, and finish the job if it ends
+        here. `greedy` is that row's argmax; a greedy request without log-probs never touches `logits`."""
         sampling = job.request.sampling
-        token = choose(logits, greedy, sampling, job.generator)
+        wants = sampling.logprobs is not None
+        own = logits[row] if wants or sampling.temperature != 0 else None  # (V,)
+        token = choose(own, greedy, sampling, job.generator)
         job.completion += 1
         job.last = token
         logprobs = []
-        if sampling.logprobs is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1)
+        if wants:
+            lp = torch.log_softmax(own.float(), dim=-1)
             logprobs = [token_logprob(lp, token, sampling.logprobs, self.served.text)]
         eos = token in self.served.eos
         text, stopped = job.stops.feed(job.detok.add(token)) if not eos else ("", False)
@@ -260,3 +287,15 @@ class Scheduler:
         while self.controls:
             self.controls.popleft()[1].set_exception(NotReady("the engine stopped before the adapter change ran"))
         self.groups.clear()
+
+
+def _gone(job: Job, now: float) -> bool:
+    """Cancelled, or past its deadline at `now` (Job.expired with the clock read once per sweep)."""
+    if job.cancelled:
+        return True
+    deadline = job.request.deadline
+    return deadline is not None and now > deadline
+
+
+def _nothing() -> None:
+    """The flush of a scheduler whose jobs' emit delivers at once."""
