@@ -217,7 +217,7 @@ static void linear(int int8, const Lin *L, const float *x, int64_t ldx, int rows
 /* exp(x) for the softmax and silu: Cephes' single-precision polynomial, written so the loops vectorize;
    x below -87.3 (a masked column) gives 0 */
 static inline float exp_(float x) {
-    float z = fminf(fmaxf(x, -87.3f), 88.7f);
+    float z = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x; /* not fminf/fmaxf: those stay libm calls */
     float k = rintf(z * 1.44269504088896341f);
     float r = z - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500E-4f;
@@ -248,6 +248,71 @@ static void rope(float *x, const float *cos_, const float *sin_, int hd) {
     memcpy(x, tmp, sizeof(float) * hd);
 }
 
+/* softmax(q . K[j] * scale + mask[j]) over j <= t, in place in scores; returns the sum of the exponentials */
+static float softmax(float *scores, int64_t t) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j <= t; j++) top = scores[j] > top ? scores[j] : top;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j <= t; j++) {
+        float e = exp_(scores[j] - top);
+        scores[j] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+static inline float lanes_sum(v16 v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* One query head over keys/values (t + 1, HD): HD a constant after inlining (64, 128), so q and the output stay in
+   registers while the cache streams past */
+static inline __attribute__((always_inline)) void head_attention(int HD, const float *q, const float *K,
+                                                                const float *V, const float *mask, int64_t t,
+                                                                float scale, float *scores, float *o) {
+    v16 qv[HD / 16], acc[HD / 16];
+    for (int k = 0; k < HD / 16; k++) qv[k] = load16(q + 16 * k), acc[k] = (v16){0};
+    for (int64_t j = 0; j <= t; j++) {
+        const float *kj = K + j * HD;
+        v16 s = qv[0] * load16(kj);
+        for (int k = 1; k < HD / 16; k++) s += qv[k] * load16(kj + 16 * k);
+        scores[j] = lanes_sum(s) * scale + mask[j];
+    }
+    float inv = 1.f / softmax(scores, t);
+    for (int64_t j = 0; j <= t; j++) {
+        float p = scores[j];
+        if (p == 0.f) continue; /* a masked column */
+        const float *vj = V + j * HD;
+        for (int k = 0; k < HD / 16; k++) acc[k] += p * load16(vj + 16 * k);
+    }
+    for (int k = 0; k < HD / 16; k++) store16(o + 16 * k, acc[k] * inv);
+}
+
+static void head_attention_any(int hd, const float *q, const float *K, const float *V, const float *mask, int64_t t,
+                               float scale, float *scores, float *o) {
+    for (int64_t j = 0; j <= t; j++) {
+        const float *kj = K + j * hd;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < hd; i++) s += q[i] * kj[i];
+        scores[j] = s * scale + mask[j];
+    }
+    float inv = 1.f / softmax(scores, t);
+    for (int i = 0; i < hd; i++) o[i] = 0.f;
+    for (int64_t j = 0; j <= t; j++) {
+        float p = scores[j];
+        if (p == 0.f) continue;
+        const float *vj = V + j * hd;
+#pragma omp simd
+        for (int i = 0; i < hd; i++) o[i] += p * vj[i];
+    }
+#pragma omp simd
+    for (int i = 0; i < hd; i++) o[i] *= inv;
+}
+
 /* Rope, the cache write and attention for one row and one kv head (and its group of query heads). */
 static void attend(const Model *m, const Layer *L, int layer_i, int r, int g, float *qkv, int64_t ld_qkv,
                    const int64_t *pos, const float *bias, int64_t cap, int64_t t, float *const *keys,
@@ -267,35 +332,10 @@ static void attend(const Model *m, const Layer *L, int layer_i, int r, int g, fl
         float *q = row + (int64_t)h * hd;
         if (L->q_norm) rms_norm(q, L->q_norm, q, hd, m->eps);
         rope(q, cos_, sin_, hd);
-        float top = -INFINITY;
-        for (int64_t j = 0; j <= t; j++) {
-            const float *kj = K + j * hd;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int i = 0; i < hd; i++) s += q[i] * kj[i];
-            s = s * m->scale + mask[j];
-            scores[j] = s;
-            top = s > top ? s : top;
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j <= t; j++) {
-            float e = exp_(scores[j] - top);
-            scores[j] = e;
-            sum += e;
-        }
         float *o = out + (int64_t)r * ld_out + (int64_t)h * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (int64_t j = 0; j <= t; j++) {
-            float p = scores[j];
-            if (p == 0.f) continue;
-            const float *vj = V + j * hd;
-#pragma omp simd
-            for (int i = 0; i < hd; i++) o[i] += p * vj[i];
-        }
-        float inv = 1.f / sum;
-#pragma omp simd
-        for (int i = 0; i < hd; i++) o[i] *= inv;
+        if (hd == 64) head_attention(64, q, K, V, mask, t, m->scale, scores, o);
+        else if (hd == 128) head_attention(128, q, K, V, mask, t, m->scale, scores, o);
+        else head_attention_any(hd, q, K, V, mask, t, m->scale, scores, o);
     }
 }
 

@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 from serve_models import tokenizer  # noqa: F401
-from test_serve_fastpath import FAMILIES, lockstep, random_model
+from test_serve_fastpath import DIMS, FAMILIES, lockstep, random_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lifecycle.errors import ConfigError
 from lifecycle.serve import batch as batch_module
@@ -40,6 +41,20 @@ def test_native_steps_equal_the_hf_forward_through_joins_leaves_and_growth(famil
     fast = ServedModel(model, tokenizer, "base", native=True)
     slow = ServedModel(copy.deepcopy(random_model(family)), tokenizer, "base", fast_decode=False)
     assert fast.fast.native is not None
+    worst, grows = lockstep(fast, slow, 24)
+    assert worst < 1e-5 and grows >= 4
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_head_sizes_with_their_own_attention_kernels(head_dim, tokenizer, small_grow, threads):
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**DIMS, "hidden_size": 2 * head_dim, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "head_dim": head_dim})
+        return LlamaForCausalLM(config).eval()
+    fast = ServedModel(model(), tokenizer, "base", native=True)
+    slow = ServedModel(model(), tokenizer, "base", fast_decode=False)
+    assert fast.fast.head_dim == head_dim
     worst, grows = lockstep(fast, slow, 24)
     assert worst < 1e-5 and grows >= 4
 
