@@ -112,31 +112,45 @@ static inline __attribute__((always_inline)) v16 load_w(int int8, const void *w,
     return int8 ? load16_i8((const int8_t *)w + i) : load16((const float *)w + i);
 }
 
-#define PARTIAL_KERNEL(NAME, INT8)                                                                                \
+/* Rows lo..hi of W (4 at a time) times x into p (rows, n), columns [c0, c1) of the chunk. Everything the loops
+   read is hoisted into locals first: p is stored through a may_alias vector type, after which the compiler would
+   otherwise reload every pointer and x value from memory. One row of x (batch 1) gets its own loop. */
+#define PARTIAL_KERNEL(NAME, INT8, T)                                                                             \
     static void NAME(const Lin *L, int64_t col0, const float *x, int64_t ldx, int rows, int64_t lo, int64_t hi,     \
                      int64_t c0, int64_t c1, float *p, int64_t n) {                                               \
-        int64_t i = lo, ld = L->ld;                                                                               \
+        const int64_t ld = L->ld;                                                                                 \
+        const T *w = (const T *)L->w + col0;                                                                      \
+        int64_t i = lo;                                                                                           \
         for (; i + 4 <= hi; i += 4) {                                                                             \
-            for (int64_t c = c0; c + 16 <= c1; c += 16) {                                                         \
-                int64_t at = i * ld + col0 + c;                                                                   \
-                v16 w0 = load_w(INT8, L->w, at), w1 = load_w(INT8, L->w, at + ld),                                \
-                    w2 = load_w(INT8, L->w, at + 2 * ld), w3 = load_w(INT8, L->w, at + 3 * ld);                   \
+            const T *r0 = w + i * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;                                \
+            if (rows == 1) {                                                                                      \
+                const float a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];                                   \
+                for (int64_t k = c0; k + 16 <= c1; k += 16)                                                       \
+                    store16(p + k, load16(p + k) + a * load_w(INT8, r0, k) + b * load_w(INT8, r1, k) +             \
+                                       c * load_w(INT8, r2, k) + d * load_w(INT8, r3, k));                        \
+                continue;                                                                                         \
+            }                                                                                                     \
+            for (int64_t k = c0; k + 16 <= c1; k += 16) {                                                         \
+                v16 w0 = load_w(INT8, r0, k), w1 = load_w(INT8, r1, k), w2 = load_w(INT8, r2, k),                 \
+                    w3 = load_w(INT8, r3, k);                                                                     \
                 for (int r = 0; r < rows; r++) {                                                                  \
                     const float *xr = x + r * ldx + i;                                                            \
-                    float *pr = p + r * n + c;                                                                    \
+                    float *pr = p + r * n + k;                                                                    \
                     store16(pr, load16(pr) + xr[0] * w0 + xr[1] * w1 + xr[2] * w2 + xr[3] * w3);                  \
                 }                                                                                                 \
             }                                                                                                     \
         }                                                                                                         \
-        for (; i < hi; i++)                                                                                       \
-            for (int64_t c = c0; c + 16 <= c1; c += 16) {                                                         \
-                v16 w0 = load_w(INT8, L->w, i * ld + col0 + c);                                                   \
-                for (int r = 0; r < rows; r++) store16(p + r * n + c, load16(p + r * n + c) + x[r * ldx + i] * w0); \
+        for (; i < hi; i++) {                                                                                     \
+            const T *r0 = w + i * ld;                                                                             \
+            for (int64_t k = c0; k + 16 <= c1; k += 16) {                                                         \
+                v16 w0 = load_w(INT8, r0, k);                                                                     \
+                for (int r = 0; r < rows; r++) store16(p + r * n + k, load16(p + r * n + k) + x[r * ldx + i] * w0); \
             }                                                                                                     \
+        }                                                                                                         \
     }
 
-PARTIAL_KERNEL(partial_f32, 0)
-PARTIAL_KERNEL(partial_i8, 1)
+PARTIAL_KERNEL(partial_f32, 0, float)
+PARTIAL_KERNEL(partial_i8, 1, int8_t)
 
 /* Phase 1 for columns [col0, col0 + n) of L: this thread's partial sums, part[tid] (rows, n), n a multiple of 16
    except for a scalar tail */
