@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections import deque
@@ -229,6 +230,11 @@ class LocalEngine:
         self.context_length = self.context_length or model.config.max_position_embeddings
         for adapter, directory in self.adapter_dirs.items():
             served.add_adapter(adapter, Path(directory))
+        # Everything loaded so far (the model, transformers, torch: millions of objects) leaves the collector's
+        # generations; otherwise each full collection walks them all on the decode thread (a ~10% of its samples
+        # in a 6,000-step native decode profile). stop() gives them back.
+        gc.collect()
+        gc.freeze()
         return served
 
     async def stop(self) -> None:
@@ -237,6 +243,7 @@ class LocalEngine:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
         self._scheduler, self._served = None, None
+        gc.unfreeze()  # the dropped model's reference cycles become collectable again
 
     def _tokenizer(self):
         if self._served is None:
