@@ -152,6 +152,79 @@ static inline __attribute__((always_inline)) v16 load_w(int int8, const void *w,
 PARTIAL_KERNEL(partial_f32, 0, float)
 PARTIAL_KERNEL(partial_i8, 1, int8_t)
 
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 16
+#endif
+
+/* Several rows of x (a batch): each weight vector loaded once serves every row, the sums of a tile of columns and
+   up to 8 rows stay in registers over the thread's rows of W, then go to p once. R and NV are constants after
+   inlining; R * NV <= 16 accumulators. */
+static inline __attribute__((always_inline)) void tile_rows(int INT8, int R, int NV, const Lin *L, int64_t col0,
+                                                           const float *x, int64_t ldx, int64_t lo, int64_t hi,
+                                                           int64_t k, float *p, int64_t n) {
+    const int64_t ld = L->ld;
+    const char *w = (const char *)L->w + (INT8 ? 1 : 4) * (col0 + k);
+    const int64_t row_bytes = (INT8 ? 1 : 4) * ld;
+    v16 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};
+    for (int64_t i = lo; i < hi; i++) {
+        const void *row = w + i * row_bytes;
+        /* the tile walks down W one row (64-256 bytes) at a time, a stride the hardware prefetchers miss */
+        __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes);
+        if (NV * (INT8 ? 16 : 64) > 64) __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 64);
+        if (NV * (INT8 ? 16 : 64) > 128) {
+            __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 128);
+            __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 192);
+        }
+        v16 wv[4];
+        for (int v = 0; v < NV; v++) wv[v] = load_w(INT8, row, 16 * v);
+        for (int r = 0; r < R; r++) {
+            float xv = x[r * ldx + i];
+            for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) store16(p + r * n + k + 16 * v, acc[r][v]);
+}
+
+#define TILE_ROWS(R, NV)                                                                                          \
+    static void tile_rows_##R##_##NV(int int8, const Lin *L, int64_t col0, const float *x, int64_t ldx,           \
+                                     int64_t lo, int64_t hi, int64_t k, float *p, int64_t n) {                    \
+        if (int8) tile_rows(1, R, NV, L, col0, x, ldx, lo, hi, k, p, n);                                          \
+        else tile_rows(0, R, NV, L, col0, x, ldx, lo, hi, k, p, n);                                               \
+    }
+TILE_ROWS(2, 4) TILE_ROWS(3, 4) TILE_ROWS(4, 4) TILE_ROWS(5, 2) TILE_ROWS(6, 2) TILE_ROWS(7, 2) TILE_ROWS(8, 2)
+TILE_ROWS(2, 1) TILE_ROWS(3, 1) TILE_ROWS(4, 1) TILE_ROWS(5, 1) TILE_ROWS(6, 1) TILE_ROWS(7, 1) TILE_ROWS(8, 1)
+
+typedef void (*tile_fn)(int, const Lin *, int64_t, const float *, int64_t, int64_t, int64_t, int64_t, float *,
+                        int64_t);
+static const tile_fn wide[9] = {0, 0, tile_rows_2_4, tile_rows_3_4, tile_rows_4_4, tile_rows_5_2, tile_rows_6_2,
+                                tile_rows_7_2, tile_rows_8_2};
+static const tile_fn narrow[9] = {0, 0, tile_rows_2_1, tile_rows_3_1, tile_rows_4_1, tile_rows_5_1, tile_rows_6_1,
+                                  tile_rows_7_1, tile_rows_8_1};
+
+/* Columns [0, vec) of p for rows of x in blocks of up to 8 (a 1-row remainder goes through a 2-row kernel's
+   sibling: the streaming kernel) */
+static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
+                       int64_t lo, int64_t hi, float *p, int64_t n) {
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        int R = rows - r0 < 8 ? rows - r0 : 8;
+        const float *xr = x + r0 * ldx;
+        float *pr = p + (int64_t)r0 * n;
+        if (R == 1) {
+            memset(pr, 0, sizeof(float) * vec);
+            if (int8) partial_i8(L, col0, xr, ldx, 1, lo, hi, 0, vec, pr, n);
+            else partial_f32(L, col0, xr, ldx, 1, lo, hi, 0, vec, pr, n);
+            continue;
+        }
+        int step = R <= 4 ? 64 : 32;
+        int64_t k = 0;
+        for (; k + step <= vec; k += step) wide[R](int8, L, col0, xr, ldx, lo, hi, k, pr, n);
+        for (; k + 16 <= vec; k += 16) narrow[R](int8, L, col0, xr, ldx, lo, hi, k, pr, n);
+    }
+}
+
 /* Phase 1 for columns [col0, col0 + n) of L: this thread's partial sums, part[tid] (rows, n), n a multiple of 16
    except for a scalar tail */
 static void partial_sums(int int8, const Lin *L, int64_t col0, int64_t n, const float *x, int64_t ldx, int rows,
@@ -159,16 +232,21 @@ static void partial_sums(int int8, const Lin *L, int64_t col0, int64_t n, const 
     int64_t per = ((in + 4 * nt - 1) / (4 * nt)) * 4, lo = tid * per < in ? tid * per : in;
     int64_t hi = lo + per < in ? lo + per : in;
     float *p = part + (int64_t)tid * rows * n;
-    memset(p, 0, sizeof(float) * rows * n);
+    int64_t vec = n / 16 * 16;
+    if (rows > 1) {
+        batch_sums(int8, L, col0, vec, x, ldx, rows, lo, hi, p, n);
+        vec = 0; /* done */
+    } else {
+        memset(p, 0, sizeof(float) * n);
+    }
     int64_t chunk = (CHUNK_FLOATS / rows) / 16 * 16;
     if (chunk < 64) chunk = 64;
-    int64_t vec = n / 16 * 16;
     for (int64_t c0 = 0; c0 < vec; c0 += chunk) {
         int64_t c1 = c0 + chunk < vec ? c0 + chunk : vec;
         if (int8) partial_i8(L, col0, x, ldx, rows, lo, hi, c0, c1, p, n);
         else partial_f32(L, col0, x, ldx, rows, lo, hi, c0, c1, p, n);
     }
-    for (int64_t c = vec; c < n; c++)
+    for (int64_t c = n / 16 * 16; c < n; c++)
         for (int r = 0; r < rows; r++) {
             float sum = 0.f;
             for (int64_t i = lo; i < hi; i++) {
