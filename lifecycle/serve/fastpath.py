@@ -29,8 +29,8 @@ Native (`native=True` or "auto", deploy.engine.native, on by default in the engi
 replaces the torch step (and makes compiling it pointless: compile is skipped) wherever it builds and applies.
 
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
-fusion: each packs its own weights), the rest of the step is the same; the native step decodes them weight-only. Biases (qwen2's q/k/v, llama's attention_bias
-and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
+fusion: each packs its own weights), the rest of the step is the same; the native step decodes them weight-only.
+Biases (qwen2's q/k/v, llama's attention_bias and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
 """
 from __future__ import annotations
 

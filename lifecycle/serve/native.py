@@ -56,9 +56,9 @@ class Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32),
                 ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
                 ("vocab", ctypes.c_int32), ("int8", ctypes.c_int32), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("embed", ctypes.c_void_p), ("embed_s0", ctypes.c_int64),
-                ("embed_s1", ctypes.c_int64), ("final_norm", ctypes.c_void_p), ("head", Lin),
-                ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p), ("max_pos", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("embed", ctypes.c_void_p), ("embed_rows", ctypes.c_int64),
+                ("embed_s0", ctypes.c_int64), ("embed_s1", ctypes.c_int64), ("final_norm", ctypes.c_void_p),
+                ("head", Lin), ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p), ("max_pos", ctypes.c_int64),
                 ("layers", ctypes.POINTER(Layer))]
 
 
@@ -180,9 +180,9 @@ class NativeStep:
         self.model = Model(n_layers=len(decoder.layers), hidden=config.hidden_size, heads=decoder.heads,
                            kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, inter=config.intermediate_size,
                            vocab=self.vocab, int8=int(self.int8), eps=decoder.eps, scale=decoder.scale,
-                           embed=embed.data_ptr(), embed_s0=embed.stride(0), embed_s1=embed.stride(1),
-                           final_norm=self._ptr(decoder.final_norm), head=self._lin([model.lm_head], decoder.head_tensors),
-                           layers=layers)
+                           embed=embed.data_ptr(), embed_rows=embed.shape[0], embed_s0=embed.stride(0),
+                           embed_s1=embed.stride(1), final_norm=self._ptr(decoder.final_norm),
+                           head=self._lin([model.lm_head], decoder.head_tensors), layers=layers)
         self._tables(max(config.max_position_embeddings, 1))
         self.work: dict[tuple[int, int], torch.Tensor] = {}  # scratch per (rows, threads)
         self.caches: tuple | None = None  # (key storage ids, keys array, values array)
@@ -263,5 +263,8 @@ class NativeStep:
                                     logits.data_ptr(), work.data_ptr(), threads)
             if done == 0:
                 return logits
+            if done == -2:
+                raise ValueError(f"token ids {ids.tolist()} include one outside the embedding's "
+                                 f"{self.model.embed_rows} rows")
             # a position past the rope table: double it (positions are checked before anything is written)
             self._tables(max(2 * self.model.max_pos, int(positions.max()) + 1))

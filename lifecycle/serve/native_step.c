@@ -43,7 +43,7 @@ typedef struct {
     int32_t n_layers, hidden, heads, kv_heads, head_dim, inter, vocab, int8;
     float eps, scale;
     const float *embed;
-    int64_t embed_s0, embed_s1; /* element strides of the (vocab, hidden) embedding */
+    int64_t embed_rows, embed_s0, embed_s1; /* rows and element strides of the (vocab, hidden) embedding */
     const float *final_norm;
     Lin head;
     const float *cos_t, *sin_t; /* (max_pos, head_dim): HF's cos and sin with rotate_half's sign folded in */
@@ -152,6 +152,15 @@ static inline __attribute__((always_inline)) v16 load_w(int int8, const void *w,
 PARTIAL_KERNEL(partial_f32, 0, float)
 PARTIAL_KERNEL(partial_i8, 1, int8_t)
 
+#ifndef STREAM_BATCH
+#define STREAM_BATCH 0
+#endif
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 8
+#endif
+#ifndef BLOCK_ROWS
+#define BLOCK_ROWS 16
+#endif
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 16
 #endif
@@ -161,13 +170,13 @@ PARTIAL_KERNEL(partial_i8, 1, int8_t)
    inlining; R * NV <= 16 accumulators. */
 static inline __attribute__((always_inline)) void tile_rows(int INT8, int R, int NV, const Lin *L, int64_t col0,
                                                            const float *x, int64_t ldx, int64_t lo, int64_t hi,
-                                                           int64_t k, float *p, int64_t n) {
+                                                           int64_t k, float *p, int64_t n, int first) {
     const int64_t ld = L->ld;
     const char *w = (const char *)L->w + (INT8 ? 1 : 4) * (col0 + k);
     const int64_t row_bytes = (INT8 ? 1 : 4) * ld;
     v16 acc[8][4];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};
+        for (int v = 0; v < NV; v++) acc[r][v] = first ? (v16){0} : load16(p + r * n + k + 16 * v);
     for (int64_t i = lo; i < hi; i++) {
         const void *row = w + i * row_bytes;
         /* the tile walks down W one row (64-256 bytes) at a time, a stride the hardware prefetchers miss */
@@ -190,15 +199,15 @@ static inline __attribute__((always_inline)) void tile_rows(int INT8, int R, int
 
 #define TILE_ROWS(R, NV)                                                                                          \
     static void tile_rows_##R##_##NV(int int8, const Lin *L, int64_t col0, const float *x, int64_t ldx,           \
-                                     int64_t lo, int64_t hi, int64_t k, float *p, int64_t n) {                    \
-        if (int8) tile_rows(1, R, NV, L, col0, x, ldx, lo, hi, k, p, n);                                          \
-        else tile_rows(0, R, NV, L, col0, x, ldx, lo, hi, k, p, n);                                               \
+                                     int64_t lo, int64_t hi, int64_t k, float *p, int64_t n, int first) {         \
+        if (int8) tile_rows(1, R, NV, L, col0, x, ldx, lo, hi, k, p, n, first);                                   \
+        else tile_rows(0, R, NV, L, col0, x, ldx, lo, hi, k, p, n, first);                                        \
     }
 TILE_ROWS(2, 4) TILE_ROWS(3, 4) TILE_ROWS(4, 4) TILE_ROWS(5, 2) TILE_ROWS(6, 2) TILE_ROWS(7, 2) TILE_ROWS(8, 2)
 TILE_ROWS(2, 1) TILE_ROWS(3, 1) TILE_ROWS(4, 1) TILE_ROWS(5, 1) TILE_ROWS(6, 1) TILE_ROWS(7, 1) TILE_ROWS(8, 1)
 
 typedef void (*tile_fn)(int, const Lin *, int64_t, const float *, int64_t, int64_t, int64_t, int64_t, float *,
-                        int64_t);
+                        int64_t, int);
 static const tile_fn wide[9] = {0, 0, tile_rows_2_4, tile_rows_3_4, tile_rows_4_4, tile_rows_5_2, tile_rows_6_2,
                                 tile_rows_7_2, tile_rows_8_2};
 static const tile_fn narrow[9] = {0, 0, tile_rows_2_1, tile_rows_3_1, tile_rows_4_1, tile_rows_5_1, tile_rows_6_1,
@@ -208,20 +217,27 @@ static const tile_fn narrow[9] = {0, 0, tile_rows_2_1, tile_rows_3_1, tile_rows_
    sibling: the streaming kernel) */
 static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
                        int64_t lo, int64_t hi, float *p, int64_t n) {
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-        int R = rows - r0 < 8 ? rows - r0 : 8;
-        const float *xr = x + r0 * ldx;
-        float *pr = p + (int64_t)r0 * n;
-        if (R == 1) {
-            memset(pr, 0, sizeof(float) * vec);
-            if (int8) partial_i8(L, col0, xr, ldx, 1, lo, hi, 0, vec, pr, n);
-            else partial_f32(L, col0, xr, ldx, 1, lo, hi, 0, vec, pr, n);
-            continue;
+    /* Blocks of BLOCK_ROWS rows of W, each swept across all its columns (for every group of GROUP_ROWS rows of x;
+       the block is then in L2 for the next group) before the next block: the tiles read BLOCK_ROWS rows of W side
+       by side, streams the prefetchers follow, instead of walking down a column of W. A 1-row remainder group
+       goes through the streaming kernel. */
+    for (int64_t b0 = lo; b0 < hi; b0 += BLOCK_ROWS) {
+        int64_t b1 = b0 + BLOCK_ROWS < hi ? b0 + BLOCK_ROWS : hi;
+        for (int r0 = 0; r0 < rows; r0 += GROUP_ROWS) {
+            int R = rows - r0 < GROUP_ROWS ? rows - r0 : GROUP_ROWS;
+            const float *xr = x + r0 * ldx;
+            float *pr = p + (int64_t)r0 * n;
+            if (R == 1) {
+                if (b0 == lo) memset(pr, 0, sizeof(float) * vec);
+                if (int8) partial_i8(L, col0, xr, ldx, 1, b0, b1, 0, vec, pr, n);
+                else partial_f32(L, col0, xr, ldx, 1, b0, b1, 0, vec, pr, n);
+                continue;
+            }
+            int step = R <= 4 ? 64 : 32;
+            int64_t k = 0;
+            for (; k + step <= vec; k += step) wide[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
+            for (; k + 16 <= vec; k += 16) narrow[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
         }
-        int step = R <= 4 ? 64 : 32;
-        int64_t k = 0;
-        for (; k + step <= vec; k += step) wide[R](int8, L, col0, xr, ldx, lo, hi, k, pr, n);
-        for (; k + 16 <= vec; k += 16) narrow[R](int8, L, col0, xr, ldx, lo, hi, k, pr, n);
     }
 }
 
@@ -233,11 +249,11 @@ static void partial_sums(int int8, const Lin *L, int64_t col0, int64_t n, const 
     int64_t hi = lo + per < in ? lo + per : in;
     float *p = part + (int64_t)tid * rows * n;
     int64_t vec = n / 16 * 16;
-    if (rows > 1) {
+    if (rows > 1 && !STREAM_BATCH) {
         batch_sums(int8, L, col0, vec, x, ldx, rows, lo, hi, p, n);
         vec = 0; /* done */
     } else {
-        memset(p, 0, sizeof(float) * n);
+        memset(p, 0, sizeof(float) * rows * n);
     }
     int64_t chunk = (CHUNK_FLOATS / rows) / 16 * 16;
     if (chunk < 64) chunk = 64;
@@ -447,11 +463,14 @@ int64_t lc_work_floats(const Model *m, int rows, int nthreads) {
 
 /* Logits (rows, vocab) after feeding ids at positions; keys/values[l]: (rows, kv_heads, cap, head_dim) float32,
    written at column t; bias: (rows, cap) additive mask; work: lc_work_floats(m, rows, nthreads) floats.
-   Returns 0, or -1 when a position is past the rope table (nothing written then). */
+   Returns 0; -1 when a position is past the rope table, -2 for a token id outside the embedding (nothing is
+   written then). */
 int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
             int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads) {
-    for (int r = 0; r < rows; r++)
+    for (int r = 0; r < rows; r++) {
         if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
+        if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
+    }
     int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
     int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
     float *x = work, *qkv = x + rows * H, *att = qkv + rows * QKV, *mid = att + rows * A, *part = mid + rows * I,

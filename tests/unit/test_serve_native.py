@@ -117,6 +117,19 @@ def test_int8_weights_equal_their_dequantized_float32_model_on_more_rows_than_on
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-4
 
 
+@pytest.mark.parametrize("rows", [2, 5, 9, 10, 17])
+def test_batches_of_any_size_equal_the_hf_forward(rows, tokenizer, threads):
+    # Rows go through the kernels in groups of up to 8 (a last group of 1 through the streaming kernel).
+    model = random_model("llama_biases")
+    step = ServedModel(model, tokenizer, "base", native=True).fast
+    reference_model = random_model("llama_biases")
+    batch = _prefilled(reference_model, rows, 5)
+    reference = copy.deepcopy(batch)
+    ids = torch.arange(rows) + 2
+    got, want = _steps(step, batch, ids, 4), _steps(_hf_step(reference_model), reference, ids, 4)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
+
+
 def test_positions_past_the_rope_table_grow_it(tokenizer):
     model = random_model("llama")
     step = ServedModel(model, tokenizer, "base", native=True).fast
@@ -127,6 +140,17 @@ def test_positions_past_the_rope_table_grow_it(tokenizer):
     got, want = _steps(step, batch, ids, 6), _steps(_hf_step(random_model("llama")), reference, ids, 6)
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
     assert step.native.model.max_pos >= 14
+
+
+def test_a_token_id_outside_the_embedding_is_refused_not_read(tokenizer):
+    model = random_model("llama")
+    step = ServedModel(model, tokenizer, "base", native=True).fast
+    batch = _prefilled(model, 2, 4)
+    before = [layer.keys.clone() for layer in batch.layers]
+    positions, mask = batch.step_inputs(torch.float32)
+    with pytest.raises(ValueError, match="outside the embedding's 320 rows"):
+        step(torch.tensor([3, 320]), positions[:, 0], mask, batch)
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(before, batch.layers))  # nothing written
 
 
 def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
