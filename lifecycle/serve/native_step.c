@@ -300,26 +300,25 @@ static inline v16 reduced16(const float *part, int nt, int rows, int64_t n, int 
     return s;
 }
 
-static void combine(const Lin *L, int64_t col0, int64_t n, const float *part, int rows, float *y, int64_t ldy,
-                    int add, int tid, int nt) {
-    int64_t lo, hi;
-    share(n, tid, nt, &lo, &hi);
-    for (int r = 0; r < rows; r++) {
+/* y[r][c] (+)= the nt partials summed, scaled, biased, for columns [lo, hi) of rows [r0, r1) */
+static void combine_columns(const Lin *L, int64_t n, const float *part, int nt, int rows, int r0, int r1, int64_t lo,
+                            int64_t hi, float *y, int64_t ldy, int add) {
+    for (int r = r0; r < r1; r++) {
         float *yr = y + r * ldy;
         int64_t c = lo;
         for (; c + 16 <= hi; c += 16) {
-            v16 v = reduced16(part, nt, rows, n, r, c, L, col0);
+            v16 v = reduced16(part, nt, rows, n, r, c, L, 0);
             store16(yr + c, add ? load16(yr + c) + v : v);
         }
-        for (; c < hi; c++) yr[c] = (add ? yr[c] : 0.f) + reduced(part, nt, rows, n, r, c, L, col0);
+        for (; c < hi; c++) yr[c] = (add ? yr[c] : 0.f) + reduced(part, nt, rows, n, r, c, L, 0);
     }
 }
 
-static void linear(int int8, const Lin *L, const float *x, int64_t ldx, int rows, int64_t in, int64_t n, float *y,
-                   int64_t ldy, int add, float *part, int tid, int nt, Barrier *b) {
-    partial_sums(int8, L, 0, n, x, ldx, rows, in, part, tid, nt);
-    meet(b, nt);
-    combine(L, 0, n, part, rows, y, ldy, add, tid, nt);
+static void combine(const Lin *L, int64_t n, const float *part, int rows, float *y, int64_t ldy, int add, int tid,
+                    int nt) {
+    int64_t lo, hi;
+    share(n, tid, nt, &lo, &hi);
+    combine_columns(L, n, part, nt, rows, 0, rows, lo, hi, y, ldy, add);
 }
 
 /* exp(x) for the softmax and silu: Cephes' single-precision polynomial, written so the loops vectorize;
@@ -421,11 +420,18 @@ static void head_attention_any(int hd, const float *q, const float *K, const flo
     for (int i = 0; i < hd; i++) o[i] *= inv;
 }
 
-/* Rope, the cache write and attention for one row and one kv head (and its group of query heads). */
+/* The q/k/v partial sums of one row and kv group, combined, rope, the cache write and attention for one row and one
+   kv head (and its group of query heads). Each (row, kv group) owns its q, k and v columns, so the combine needs no
+   barrier of its own. */
 static void attend(const Model *m, const Layer *L, int layer_i, int r, int g, float *qkv, int64_t ld_qkv,
-                   const int64_t *pos, const float *bias, int64_t cap, int64_t t, float *const *keys,
-                   float *const *values, float *out, int64_t ld_out, float *scores) {
+                   const float *part, int nt, int rows, const int64_t *pos, const float *bias, int64_t cap,
+                   int64_t t, float *const *keys, float *const *values, float *out, int64_t ld_out, float *scores) {
     int nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, group = nq / nkv;
+    int64_t spans[3][2] = {{(int64_t)g * group * hd, (int64_t)(g + 1) * group * hd},
+                           {(int64_t)(nq + g) * hd, (int64_t)(nq + g + 1) * hd},
+                           {(int64_t)(nq + nkv + g) * hd, (int64_t)(nq + nkv + g + 1) * hd}};
+    for (int i = 0; i < 3; i++)
+        combine_columns(&L->qkv, ld_qkv, part, nt, rows, r, r + 1, spans[i][0], spans[i][1], qkv, ld_qkv, 0);
     const float *cos_ = m->cos_t + pos[r] * hd, *sin_ = m->sin_t + pos[r] * hd;
     float *row = qkv + r * ld_qkv;
     float *k = row + (int64_t)(nq + g) * hd, *v = row + (int64_t)(nq + nkv + g) * hd;
@@ -457,47 +463,51 @@ static int64_t widest(const Model *m) {
 /* Floats of scratch lc_step needs for `rows` rows and `nthreads` threads. */
 int64_t lc_work_floats(const Model *m, int rows, int nthreads) {
     int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
-    return (int64_t)rows * (m->hidden + qkv + (int64_t)m->heads * m->head_dim + m->inter) +
-           (int64_t)nthreads * rows * (m->hidden + widest(m));
+    return (int64_t)rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) +
+           (int64_t)nthreads * rows * (2 * m->hidden + 2 * widest(m));
 }
 
 /* Logits (rows, vocab) after feeding ids at positions; keys/values[l]: (rows, kv_heads, cap, head_dim) float32,
    written at column t; bias: (rows, cap) additive mask; work: lc_work_floats(m, rows, nthreads) floats.
    Returns 0; -1 when a position is past the rope table, -2 for a token id outside the embedding (nothing is
-   written then). */
+   written then).
+
+   Every thread keeps its own copy of the residual stream (x) and of the normed rows, updated from the partial sums
+   of o and down by each thread alike, and q/k/v are combined by the attention work that owns them: 6 barriers a
+   layer. Partial sums alternate between two buffers, so a thread still reading one never races the next product. */
 int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
             int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads) {
     for (int r = 0; r < rows; r++) {
         if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
         if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
     }
-    int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
+    int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, W = widest(m);
     int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
-    float *x = work, *qkv = x + rows * H, *att = qkv + rows * QKV, *mid = att + rows * A, *part = mid + rows * I,
-          *norms = part + (int64_t)nthreads * rows * widest(m);
+    float *qkv = work, *att = qkv + rows * QKV, *mid = att + rows * A, *part_a = mid + rows * I,
+          *part_b = part_a + (int64_t)nthreads * rows * W, *own = part_b + (int64_t)nthreads * rows * W;
     int int8 = m->int8;
     Barrier b = {0, 0};
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *scores = malloc(sizeof(float) * (t + 1));
-        float *h = norms + (int64_t)tid * rows * H; /* this thread's copy of the normed rows: no barrier after a norm */
-        for (int r = tid; r < rows; r += nt)
+        float *x = own + (int64_t)tid * rows * 2 * H, *h = x + rows * H;
+        for (int r = 0; r < rows; r++)
             for (int64_t i = 0; i < H; i++) x[r * H + i] = m->embed[ids[r] * m->embed_s0 + i * m->embed_s1];
-        meet(&b, nt);
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
-            linear(int8, &L->qkv, h, H, rows, H, QKV, qkv, QKV, 0, part, tid, nt, &b);
+            partial_sums(int8, &L->qkv, 0, QKV, h, H, rows, H, part_a, tid, nt);
             meet(&b, nt);
             for (int64_t rg = tid; rg < rows * nkv; rg += nt)
-                attend(m, L, l, (int)(rg / nkv), (int)(rg % nkv), qkv, QKV, pos, bias, cap, t, keys, values, att,
-                       A, scores);
+                attend(m, L, l, (int)(rg / nkv), (int)(rg % nkv), qkv, QKV, part_a, nt, rows, pos, bias, cap, t,
+                       keys, values, att, A, scores);
             meet(&b, nt);
-            linear(int8, &L->o, att, A, rows, A, H, x, H, 1, part, tid, nt, &b);
+            partial_sums(int8, &L->o, 0, H, att, A, rows, A, part_b, tid, nt);
             meet(&b, nt);
+            combine_columns(&L->o, H, part_b, nt, rows, 0, rows, 0, H, x, H, 1);
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm2, h + r * H, H, m->eps);
-            partial_sums(int8, &L->gate_up, 0, 2 * I, h, H, rows, H, part, tid, nt);
+            partial_sums(int8, &L->gate_up, 0, 2 * I, h, H, rows, H, part_a, tid, nt);
             meet(&b, nt);
             /* gate column c and up column I + c go to the same thread, which forms silu(gate) * up */
             int64_t lo, hi;
@@ -507,23 +517,26 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
                 int64_t c = lo;
                 for (; c + 16 <= hi; c += 16) {
                     float g[16], u[16];
-                    store16(g, reduced16(part, nt, rows, 2 * I, r, c, &L->gate_up, 0));
-                    store16(u, reduced16(part, nt, rows, 2 * I, r, I + c, &L->gate_up, 0));
+                    store16(g, reduced16(part_a, nt, rows, 2 * I, r, c, &L->gate_up, 0));
+                    store16(u, reduced16(part_a, nt, rows, 2 * I, r, I + c, &L->gate_up, 0));
 #pragma omp simd
                     for (int k = 0; k < 16; k++) o[c + k] = g[k] / (1.f + exp_(-g[k])) * u[k];
                 }
                 for (; c < hi; c++) {
-                    float g = reduced(part, nt, rows, 2 * I, r, c, &L->gate_up, 0);
-                    float u = reduced(part, nt, rows, 2 * I, r, I + c, &L->gate_up, 0);
+                    float g = reduced(part_a, nt, rows, 2 * I, r, c, &L->gate_up, 0);
+                    float u = reduced(part_a, nt, rows, 2 * I, r, I + c, &L->gate_up, 0);
                     o[c] = g / (1.f + exp_(-g)) * u;
                 }
             }
             meet(&b, nt);
-            linear(int8, &L->down, mid, I, rows, I, H, x, H, 1, part, tid, nt, &b);
+            partial_sums(int8, &L->down, 0, H, mid, I, rows, I, part_b, tid, nt);
             meet(&b, nt);
+            combine_columns(&L->down, H, part_b, nt, rows, 0, rows, 0, H, x, H, 1);
         }
         for (int r = 0; r < rows; r++) rms_norm(x + r * H, m->final_norm, h + r * H, H, m->eps);
-        linear(int8, &m->head, h, H, rows, H, m->vocab, logits, m->vocab, 0, part, tid, nt, &b);
+        partial_sums(int8, &m->head, 0, m->vocab, h, H, rows, H, part_a, tid, nt);
+        meet(&b, nt);
+        combine(&m->head, m->vocab, part_a, rows, logits, m->vocab, 0, tid, nt);
         free(scores);
     }
     return 0;
