@@ -46,10 +46,10 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     events: object = None             # the consumer's asyncio.Queue (only the event loop's thread touches it)
 
-    @property
-    def expired(self) -> bool:
+    def gone(self, now: float) -> bool:
+        """Cancelled, or past its deadline at `now` (a sweep over many jobs reads the clock once)."""
         deadline = self.request.deadline
-        return deadline is not None and time.monotonic() > deadline
+        return self.cancelled or (deadline is not None and now > deadline)
 
 
 @dataclass(eq=False)
@@ -148,13 +148,13 @@ class Scheduler:
         now = time.monotonic()
         if self.pending:
             with self.lock:
-                gone = [j for j in self.pending if _gone(j, now)]
+                gone = [j for j in self.pending if j.gone(now)]
                 for job in gone:
                     self.pending.remove(job)
             for job in gone:
                 self._finish(job, "timeout")
         for name, group in list(self.groups.items()):
-            gone = [j for j in group.jobs if _gone(j, now)]
+            gone = [j for j in group.jobs if j.gone(now)]
             for job in gone:
                 self._finish(job, "timeout")
             if gone:
@@ -166,7 +166,7 @@ class Scheduler:
         while self.pending and self.running < self.max_batch_size:
             with self.lock:
                 job = self.pending.popleft()
-            if job.cancelled or job.expired:  # it may have arrived after this iteration's _reap
+            if job.gone(time.monotonic()):  # it may have arrived after this iteration's _reap
                 self._finish(job, "timeout")
                 continue
             job.admitted = True
@@ -287,14 +287,6 @@ class Scheduler:
         while self.controls:
             self.controls.popleft()[1].set_exception(NotReady("the engine stopped before the adapter change ran"))
         self.groups.clear()
-
-
-def _gone(job: Job, now: float) -> bool:
-    """Cancelled, or past its deadline at `now` (Job.expired with the clock read once per sweep)."""
-    if job.cancelled:
-        return True
-    deadline = job.request.deadline
-    return deadline is not None and now > deadline
 
 
 def _nothing() -> None:
