@@ -151,6 +151,10 @@ def unsupported(decoder) -> str | None:
         return f"dtype {decoder.dtype} (the C step computes float32 and int8)"
     if decoder.heads % decoder.kv_heads:
         return "query heads not a multiple of kv heads"
+    floats = {decoder.head_tensors is not None} | {t is not None for spec in decoder.layers
+                                                   for t in spec["tensors"].values()}
+    if len(floats) > 1:
+        return "a mix of float32 and int8 linear layers (the C step takes one kind)"
     return None
 
 
@@ -190,7 +194,7 @@ class NativeStep:
     def _ptr(self, tensor: torch.Tensor) -> int:
         tensor = tensor.detach()
         if not tensor.is_contiguous():
-            raise ValueError("a norm weight is not contiguous")
+            raise NativeUnavailable("a norm weight is not contiguous")
         self.keep.append(tensor)
         return tensor.data_ptr()
 
@@ -199,7 +203,7 @@ class NativeStep:
         if not self.int8:
             weight, bias = tensors  # weight: (out, in) view of (in, out) row-major storage
             if weight.stride(0) != 1:
-                raise ValueError("a float32 weight is not stored transposed")
+                raise NativeUnavailable("a float32 weight is not stored transposed (the C step reads (in, out) rows)")
             weight = weight.detach()  # holds today's storage even if the parameter's .data is replaced later
             bias = None if bias is None else bias.detach()
             self.keep += [weight] + ([bias] if bias is not None else [])
@@ -210,11 +214,11 @@ class NativeStep:
             q = module.weight()
             if q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
                 if bool((q.q_per_channel_zero_points() != 0).any()):
-                    raise ValueError("int8 weights with nonzero zero points")
+                    raise NativeUnavailable("int8 weights with nonzero zero points (the C step is symmetric)")
                 scale = q.q_per_channel_scales().float()
             else:
                 if q.q_zero_point() != 0:
-                    raise ValueError("int8 weights with a nonzero zero point")
+                    raise NativeUnavailable("int8 weights with a nonzero zero point (the C step is symmetric)")
                 scale = torch.full((q.shape[0],), q.q_scale(), dtype=torch.float32)
             weights.append(q.int_repr().t())
             scales.append(scale)

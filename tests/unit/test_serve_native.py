@@ -177,6 +177,17 @@ def test_without_a_compiler_auto_keeps_the_torch_step_and_true_says_why(tokenize
         ServedModel(random_model("llama"), tokenizer, "base", native=True)
 
 
+def test_a_model_with_int8_layers_and_a_float_head_keeps_the_torch_step(tokenizer):
+    from lifecycle.models import int8
+
+    model = random_model("llama")
+    head = model.lm_head
+    model = int8.quantize(model)
+    model.lm_head = head  # only the layers quantized
+    served = ServedModel(model, tokenizer, "base", native="auto")
+    assert served.fast is not None and served.fast.native is None
+
+
 def test_half_precision_models_keep_the_torch_step(tokenizer):
     served = ServedModel(random_model("llama").to(torch.bfloat16), tokenizer, "base", native="auto")
     assert served.fast is not None and served.fast.native is None
