@@ -30,7 +30,8 @@ replaces the torch step (and makes compiling it pointless: compile is skipped) w
 
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
 fusion: each packs its own weights), the rest of the step is the same; the native step decodes them weight-only.
-Biases (qwen2's q/k/v, llama's attention_bias and mlp_bias) are fused with their weights. Anything else is refused (build returns None, `unsupported` says why).
+Biases (qwen2's q/k/v, llama's attention_bias and mlp_bias) are fused with their weights. Anything else is refused
+(build returns None, `unsupported` says why).
 """
 from __future__ import annotations
 
@@ -264,13 +265,7 @@ class FastDecoder:
         return self.head(self._norm(x, self.final_norm))
 
     def _rotation(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin (rows, 1, hd) at each row's position, in the model's dtype as HF rounds them."""
-        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, hd / 2): one head axis to broadcast
-        angles = torch.cat((freqs, freqs), -1)
-        sin = angles.sin().to(self.dtype)
-        half = sin.shape[-1] // 2
-        sin[..., :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * (-sin_1, sin_2), exactly
-        return angles.cos().to(self.dtype), sin
+        return rotation(positions, self.inv_freq, self.dtype)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -279,6 +274,16 @@ class FastDecoder:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
+
+
+def rotation(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin (rows, 1, hd) at each row's position, in `dtype` as HF rounds them."""
+    freqs = positions[:, None, None].float() * inv_freq  # (rows, 1, hd / 2): one head axis to broadcast
+    angles = torch.cat((freqs, freqs), -1)
+    sin = angles.sin().to(dtype)
+    half = sin.shape[-1] // 2
+    sin[..., :half].neg_()  # rotate_half(x) * sin == swap_halves(x) * (-sin_1, sin_2), exactly
+    return angles.cos().to(dtype), sin
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -163,7 +163,7 @@ class NativeStep:
 
     def __init__(self, decoder, model):
         self.lib = library()
-        self.decoder = decoder
+        self.inv_freq = decoder.inv_freq  # no reference to the decoder, which holds this object: no cycle
         config = model.config
         self.keep: list[torch.Tensor] = []  # every tensor the C side points at stays alive with this object
         self.int8 = decoder.int8
@@ -233,7 +233,9 @@ class NativeStep:
 
     def _tables(self, positions: int) -> None:
         """HF's cos and sign-folded sin for positions [0, positions), computed by the fast path's own function."""
-        cos, sin = self.decoder._rotation(torch.arange(positions))
+        from lifecycle.serve.fastpath import rotation
+
+        cos, sin = rotation(torch.arange(positions), self.inv_freq, torch.float32)
         self.cos, self.sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
         self.model.cos_t, self.model.sin_t = self.cos.data_ptr(), self.sin.data_ptr()
         self.model.max_pos = positions

@@ -34,7 +34,8 @@ class ServedModel:
         self.device = next(model.parameters()).device
         self.compile = compile  # torch.compile the fast step (fastpath.FastDecoder)
         self.native = native  # the fast step in C (lifecycle.serve.native): True, False or "auto"
-        self.fast = fastpath.build(model, compile, native) if fast_decode else None  # the base's steps; adapters use HF's
+        # the base's decode steps; adapters use the HF forward
+        self.fast = fastpath.build(model, compile, native) if fast_decode else None
         if not fast_decode:
             log.info("decode: the HF forward (fast_decode is off)")
 
