@@ -8,12 +8,12 @@
 
    Why: at batch 1 on a small model a torch step is dozens of operator dispatches and OpenMP fork/joins per layer; here
    the whole step is one OpenMP parallel region (threads meet at a barrier between phases) and each matrix is read
-   once per step by a kernel that keeps its sums in registers.
+   once per step as contiguous streams by vectorised kernels.
 
    Weights are read as (in, out) row-major matrices (fastpath stores float32 weights transposed for the same reason),
-   float32 or int8 with one float scale per output column (weight-only int8: activations stay float32). Every matrix
-   product sums its inputs in index order per output column, so results equal torch's to float rounding, not bit for
-   bit. Vectors use GCC's vector extensions, lowered to AVX-512, AVX2 or SSE by -march=native. */
+   float32 or int8 with one float scale per output column (weight-only int8: activations stay float32). Each thread
+   sums its share of a product's inputs in index order and the shares are then added, so results equal torch's to
+   float rounding, not bit for bit. Vectors use GCC's vector extensions, lowered to AVX-512, AVX2 or SSE by -march=native. */
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
@@ -112,49 +112,38 @@ static inline __attribute__((always_inline)) v16 load_w(int int8, const void *w,
     return int8 ? load16_i8((const int8_t *)w + i) : load16((const float *)w + i);
 }
 
-/* Rows lo..hi of W (4 at a time) times x into p (rows, n), columns [c0, c1) of the chunk. Everything the loops
-   read is hoisted into locals first: p is stored through a may_alias vector type, after which the compiler would
-   otherwise reload every pointer and x value from memory. One row of x (batch 1) gets its own loop. */
-#define PARTIAL_KERNEL(NAME, INT8, T)                                                                             \
-    static void NAME(const Lin *L, int64_t col0, const float *x, int64_t ldx, int rows, int64_t lo, int64_t hi,     \
-                     int64_t c0, int64_t c1, float *p, int64_t n) {                                               \
+/* One row of x (batch 1) times rows lo..hi of W (4 at a time) into p, columns [c0, c1). Everything the loop reads
+   is hoisted into locals first: p is stored through a may_alias vector type, after which the compiler would
+   otherwise reload every pointer and x value from memory. */
+#define STREAM_KERNEL(NAME, INT8, T)                                                                              \
+    static void NAME(const Lin *L, int64_t col0, const float *x, int64_t lo, int64_t hi, int64_t c0, int64_t c1,   \
+                     float *p) {                                                                                  \
         const int64_t ld = L->ld;                                                                                 \
         const T *w = (const T *)L->w + col0;                                                                      \
         int64_t i = lo;                                                                                           \
         for (; i + 4 <= hi; i += 4) {                                                                             \
             const T *r0 = w + i * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;                                \
-            if (rows == 1) {                                                                                      \
-                const float a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];                                   \
-                for (int64_t k = c0; k + 16 <= c1; k += 16)                                                       \
-                    store16(p + k, load16(p + k) + a * load_w(INT8, r0, k) + b * load_w(INT8, r1, k) +             \
-                                       c * load_w(INT8, r2, k) + d * load_w(INT8, r3, k));                        \
-                continue;                                                                                         \
-            }                                                                                                     \
-            for (int64_t k = c0; k + 16 <= c1; k += 16) {                                                         \
-                v16 w0 = load_w(INT8, r0, k), w1 = load_w(INT8, r1, k), w2 = load_w(INT8, r2, k),                 \
-                    w3 = load_w(INT8, r3, k);                                                                     \
-                for (int r = 0; r < rows; r++) {                                                                  \
-                    const float *xr = x + r * ldx + i;                                                            \
-                    float *pr = p + r * n + k;                                                                    \
-                    store16(pr, load16(pr) + xr[0] * w0 + xr[1] * w1 + xr[2] * w2 + xr[3] * w3);                  \
-                }                                                                                                 \
-            }                                                                                                     \
+            const float a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];                                       \
+            for (int64_t k = c0; k + 16 <= c1; k += 16)                                                           \
+                store16(p + k, load16(p + k) + a * load_w(INT8, r0, k) + b * load_w(INT8, r1, k) +                 \
+                                   c * load_w(INT8, r2, k) + d * load_w(INT8, r3, k));                            \
         }                                                                                                         \
         for (; i < hi; i++) {                                                                                     \
             const T *r0 = w + i * ld;                                                                             \
-            for (int64_t k = c0; k + 16 <= c1; k += 16) {                                                         \
-                v16 w0 = load_w(INT8, r0, k);                                                                     \
-                for (int r = 0; r < rows; r++) store16(p + r * n + k, load16(p + r * n + k) + x[r * ldx + i] * w0); \
-            }                                                                                                     \
+            const float a = x[i];                                                                                 \
+            for (int64_t k = c0; k + 16 <= c1; k += 16) store16(p + k, load16(p + k) + a * load_w(INT8, r0, k));  \
         }                                                                                                         \
     }
 
-PARTIAL_KERNEL(partial_f32, 0, float)
-PARTIAL_KERNEL(partial_i8, 1, int8_t)
+STREAM_KERNEL(stream_f32, 0, float)
+STREAM_KERNEL(stream_i8, 1, int8_t)
 
-#ifndef STREAM_BATCH
-#define STREAM_BATCH 0
-#endif
+static void stream_row(int int8, const Lin *L, int64_t col0, const float *x, int64_t lo, int64_t hi, int64_t c0,
+                       int64_t c1, float *p) {
+    if (int8) stream_i8(L, col0, x, lo, hi, c0, c1, p);
+    else stream_f32(L, col0, x, lo, hi, c0, c1, p);
+}
+
 #ifndef GROUP_ROWS
 #define GROUP_ROWS 8
 #endif
@@ -229,8 +218,7 @@ static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const 
             float *pr = p + (int64_t)r0 * n;
             if (R == 1) {
                 if (b0 == lo) memset(pr, 0, sizeof(float) * vec);
-                if (int8) partial_i8(L, col0, xr, ldx, 1, b0, b1, 0, vec, pr, n);
-                else partial_f32(L, col0, xr, ldx, 1, b0, b1, 0, vec, pr, n);
+                stream_row(int8, L, col0, xr, b0, b1, 0, vec, pr);
                 continue;
             }
             int step = R <= 4 ? 64 : 32;
@@ -249,18 +237,14 @@ static void partial_sums(int int8, const Lin *L, int64_t col0, int64_t n, const 
     int64_t hi = lo + per < in ? lo + per : in;
     float *p = part + (int64_t)tid * rows * n;
     int64_t vec = n / 16 * 16;
-    if (rows > 1 && !STREAM_BATCH) {
+    if (rows > 1) {
         batch_sums(int8, L, col0, vec, x, ldx, rows, lo, hi, p, n);
-        vec = 0; /* done */
-    } else {
-        memset(p, 0, sizeof(float) * rows * n);
-    }
-    int64_t chunk = (CHUNK_FLOATS / rows) / 16 * 16;
-    if (chunk < 64) chunk = 64;
-    for (int64_t c0 = 0; c0 < vec; c0 += chunk) {
-        int64_t c1 = c0 + chunk < vec ? c0 + chunk : vec;
-        if (int8) partial_i8(L, col0, x, ldx, rows, lo, hi, c0, c1, p, n);
-        else partial_f32(L, col0, x, ldx, rows, lo, hi, c0, c1, p, n);
+    } else { /* column chunks whose partial sums stay in L1 */
+        memset(p, 0, sizeof(float) * n);
+        for (int64_t c0 = 0; c0 < vec; c0 += CHUNK_FLOATS) {
+            int64_t c1 = c0 + CHUNK_FLOATS < vec ? c0 + CHUNK_FLOATS : vec;
+            stream_row(int8, L, col0, x, lo, hi, c0, c1, p);
+        }
     }
     for (int64_t c = n / 16 * 16; c < n; c++)
         for (int r = 0; r < rows; r++) {
