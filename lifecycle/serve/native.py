@@ -257,8 +257,8 @@ class NativeStep:
         if work is None:
             work = self.work[rows, threads] = torch.empty(self.lib.lc_work_floats(ctypes.byref(self.model), rows,
                                                                                    threads))
-        ids = ids.contiguous()
-        positions = positions.contiguous()
+        ids = ids.to(torch.int64).contiguous()  # the C side reads int64 (no copy when they already are)
+        positions = positions.to(torch.int64).contiguous()
         bias = batch.bias
         if not bias.is_contiguous() or bias.dtype != torch.float32:
             raise ValueError("the batch's mask is not a contiguous float32 tensor")
