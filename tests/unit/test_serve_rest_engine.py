@@ -8,6 +8,7 @@ import pytest
 import torch
 from serve_models import llama_dir, tokenizer  # noqa: F401  (fixtures)
 from serve_rest_live import Live, until
+from test_serve_engine import slow_steps
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lifecycle.serve.engine import LocalEngine
@@ -37,7 +38,7 @@ def test_echoed_logprobs_are_the_models_own(live, llama_dir):  # noqa: F811
     assert all(lp["tokens"][i] in lp["top_logprobs"][i] for i in range(1, len(ids) + 1))
 
 
-def test_stream_equals_the_whole_answer_and_departure_frees_the_slot(live):
+def test_stream_equals_the_whole_answer_and_departure_frees_the_slot(live, monkeypatch):
     body = {"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
     before = live.counters(CMPL)
     with live.client() as c:
@@ -45,6 +46,9 @@ def test_stream_equals_the_whole_answer_and_departure_frees_the_slot(live):
         with c.stream("POST", CMPL, json={**body, "stream": True}) as r:
             lines = [ln.removeprefix("data: ") for ln in r.iter_lines() if ln.startswith("data: ")]
         assert lines[-1] == "[DONE]" and "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) == whole
+        # Steps held to >= 5 ms for the departing stream: the C decode step runs this tiny model's 100 tokens in
+        # ~25 ms, which could end the generation before the server has seen the client leave.
+        slow_steps(monkeypatch, 0.005)
         with c.stream("POST", CMPL, json={**body, "max_tokens": 100, "stream": True}) as r:
             next(r.iter_lines())
         assert until(lambda: live.engine.stats() == {"running": 0, "queued": 0} and live.in_flight() == 0, 1.0)
