@@ -30,10 +30,15 @@ def llama_dir(tmp_path_factory):
     return directory
 
 
-def test_real_engine_unary_stream_parity_refusals_and_cancel(serve, llama_dir):
+def test_real_engine_unary_stream_parity_refusals_and_cancel(serve, llama_dir, monkeypatch):
+    from test_serve_engine import slow_steps
+
     from lifecycle.serve.engine import LocalEngine
 
     torch.set_num_threads(1)
+    # Steps of >= 5 ms: the C decode step runs this model's 50 tokens in ~10 ms, and the cancelled stream must still
+    # be running when the server sees the cancellation.
+    slow_steps(monkeypatch, 0.005)
 
     async def test(env: Env):
         greedy = pb2.GenerateRequest(prompt="def add", max_tokens=12, temperature=0)
