@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, default=Path("/tmp/gguf/model-f32.gguf"))
     p.add_argument("--peer-python", type=Path, default=ROOT / ".benchvenv/bin/python")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed concurrent requests to each server before the sweep (0: none)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_sweep.json")
     args = p.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline")
@@ -150,6 +152,11 @@ def main() -> None:
         except (RuntimeError, OSError) as e:
             skipped[name] = str(e)
             print(f"{name}: skipped ({e})", flush=True)
+    if args.warmup:  # untimed: a server's first requests (lazy set-up, allocator growth) stay out of every rate
+        for name, (_, url, model) in servers.items():
+            warm = asyncio.run(level(url, key, model, texts[:args.warmup], [0.0] * args.warmup, args.max_tokens,
+                                     count, args.timeout))
+            print(f"{name}: warm-up, {args.warmup} requests, failed {warm['failed']}", flush=True)
     runs: dict[str, dict[str, dict]] = {name: {} for name in servers}
     misses = {name: 0 for name in servers}
     try:
