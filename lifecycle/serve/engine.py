@@ -70,7 +70,9 @@ class LocalEngine:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tokenizer().decode(ids, skip_special_tokens=True)
+        """tokenizer.decode(ids, skip_special_tokens=True), through the Rust tokenizer where that is the same."""
+        self._tokenizer()  # NotReady before start and after stop
+        return self._detok_decode(ids)
 
     def render_chat(self, messages: list[dict], model: str | None = None) -> list[int]:
         """The chat template (an adapter's own, saved by `lifecycle finetune`, else the base's) applied with the
@@ -242,7 +244,7 @@ class LocalEngine:
         self._ready = False
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
-        self._scheduler, self._served = None, None
+        self._scheduler, self._served, self._detok_decode = None, None, None
         gc.unfreeze()  # the dropped model's reference cycles become collectable again
 
     def _tokenizer(self):
