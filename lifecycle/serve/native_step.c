@@ -204,8 +204,8 @@ static const tile_fn narrow[9] = {0, 0, tile_rows_2_1, tile_rows_3_1, tile_rows_
 
 /* Columns [0, vec) of p for rows of x in blocks of up to 8 (a 1-row remainder goes through a 2-row kernel's
    sibling: the streaming kernel) */
-static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
-                       int64_t lo, int64_t hi, float *p, int64_t n) {
+static void batch_block(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
+                        int64_t lo, int64_t hi, float *p, int64_t n) {
     /* Blocks of BLOCK_ROWS rows of W, each swept across all its columns (for every group of GROUP_ROWS rows of x;
        the block is then in L2 for the next group) before the next block: the tiles read BLOCK_ROWS rows of W side
        by side, streams the prefetchers follow, instead of walking down a column of W. A 1-row remainder group
@@ -226,6 +226,18 @@ static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const 
             for (; k + step <= vec; k += step) wide[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
             for (; k + 16 <= vec; k += 16) narrow[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
         }
+    }
+}
+
+/* batch_block over column chunks of BATCH_CHUNK: the partial sums of a chunk's rows of x (8 x 8192 floats, 256 KB)
+   stay in L2 while W streams past. A head as wide as a 32,000-token vocabulary otherwise has 1 MB of partial sums
+   per thread for 8 rows, and reading 120M-shaped matrices plus such a head took 7% longer (2 threads, 8 rows). */
+#define BATCH_CHUNK 8192
+static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
+                       int64_t lo, int64_t hi, float *p, int64_t n) {
+    for (int64_t c0 = 0; c0 < vec; c0 += BATCH_CHUNK) {
+        int64_t c1 = c0 + BATCH_CHUNK < vec ? c0 + BATCH_CHUNK : vec;
+        batch_block(int8, L, col0 + c0, c1 - c0, x, ldx, rows, lo, hi, p + c0, n);
     }
 }
 
@@ -368,6 +380,9 @@ static inline __attribute__((always_inline)) void head_attention(int HD, const f
     for (int k = 0; k < HD / 16; k++) qv[k] = load16(q + 16 * k), acc[k] = (v16){0};
     for (int64_t j = 0; j <= t; j++) {
         const float *kj = K + j * HD;
+        /* the rows of one head's cache are read once, 8 keys (2-4 KB) ahead: 12% less time in attention over a
+           120M Llama's cache at 100-250 positions, 8 rows */
+        for (int c = 0; c < HD / 16; c++) __builtin_prefetch(kj + 8 * HD + 16 * c);
         v16 s = qv[0] * load16(kj);
         for (int k = 1; k < HD / 16; k++) s += qv[k] * load16(kj + 16 * k);
         scores[j] = lanes_sum(s) * scale + mask[j];
@@ -377,6 +392,7 @@ static inline __attribute__((always_inline)) void head_attention(int HD, const f
         float p = scores[j];
         if (p == 0.f) continue; /* a masked column */
         const float *vj = V + j * HD;
+        for (int c = 0; c < HD / 16; c++) __builtin_prefetch(vj + 8 * HD + 16 * c);
         for (int k = 0; k < HD / 16; k++) acc[k] += p * load16(vj + 16 * k);
     }
     for (int k = 0; k < HD / 16; k++) store16(o + 16 * k, acc[k] * inv);

@@ -130,6 +130,22 @@ def test_batches_of_any_size_equal_the_hf_forward(rows, tokenizer, threads):
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [3, 9])
+def test_a_head_wider_than_one_column_chunk_equals_the_hf_forward(rows, tokenizer, threads):
+    # Batched products run in column chunks of 8,192 (BATCH_CHUNK): this vocabulary spans three, the last ending
+    # off a multiple of 16, so chunk offsets, the vector tail and the scalar tail are all exercised.
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**{**DIMS, "vocab_size": 2 * 8192 + 37, "num_key_value_heads": 2})).eval()
+    step = ServedModel(model(), tokenizer, "base", native=True).fast
+    reference_model = model()
+    batch = _prefilled(reference_model, rows, 5)
+    reference = copy.deepcopy(batch)
+    ids = torch.arange(rows) + 8190
+    got, want = _steps(step, batch, ids, 3), _steps(_hf_step(reference_model), reference, ids, 3)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
+
+
 def test_positions_past_the_rope_table_grow_it(tokenizer):
     model = random_model("llama")
     step = ServedModel(model, tokenizer, "base", native=True).fast
