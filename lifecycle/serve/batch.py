@@ -60,11 +60,34 @@ class Batch(Cache):
     @classmethod
     def from_prefill(cls, cache: Cache, valid: torch.Tensor) -> Batch:
         """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width)."""
+        return cls._from_rows([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                              valid)
+
+    @classmethod
+    def from_packed(cls, cache: Cache, lengths: list[int]) -> Batch:
+        """Rows from a packed prefill's cache: prompts of `lengths` one after another in a single sequence
+        ((1, kv_heads, sum(lengths), head_dim) per layer), each moved to its own row, left-padded."""
+        device = cache.layers[0].keys.device
+        length = torch.tensor(lengths, device=device)
+        width = max(lengths)
+        column = torch.arange(width, device=device)[None]  # (1, width)
+        offset = (width - length)[:, None]  # (rows, 1): padding columns before each prompt
+        valid = column >= offset
+        source = ((length.cumsum(0) - length)[:, None] + column - offset).clamp(min=0).flatten()  # pads read 0
+
+        def rows(packed: torch.Tensor) -> torch.Tensor:  # (1, kv, T, hd) -> (rows, kv, width, hd)
+            return packed[0].index_select(1, source).unflatten(1, (len(lengths), width)).transpose(0, 1)
+
+        return cls._from_rows([rows(layer.keys) for layer in cache.layers],
+                              [rows(layer.values) for layer in cache.layers], valid)
+
+    @classmethod
+    def _from_rows(cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> Batch:
         rows, width = valid.shape
         pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
         # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
-        keys = [_with_capacity(layer.keys.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
-        values = [_with_capacity(layer.values.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
+        keys = [_with_capacity(k.masked_fill(pad, 0), width + GROW) for k in keys]
+        values = [_with_capacity(v.masked_fill(pad, 0), width + GROW) for v in values]
         return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

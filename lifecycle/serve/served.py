@@ -36,6 +36,7 @@ class ServedModel:
         self.native = native  # the fast step in C (lifecycle.serve.native): True, False or "auto"
         # the base's decode steps; adapters use the HF forward
         self.fast = fastpath.build(model, compile, native) if fast_decode else None
+        self.packing = Packing.of(model)  # None: prompts are always left-padded
         if not fast_decode:
             log.info("decode: the HF forward (fast_decode is off)")
 
@@ -44,9 +45,11 @@ class ServedModel:
         return self.lm.config.vocab_size  # not the head's weight: an int8 variant's head has none
 
     def prefill(self, name: str, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
-        """Run prompts together (left-padded): per prompt its logits ((L, V), or (1, V) for the last token only),
-        and a batch holding their keys and values, one row each."""
+        """Run prompts together (packed where that is cheaper, else left-padded): per prompt its logits ((L, V), or
+        (1, V) for the last token only), and a batch holding their keys and values, one row each."""
         self.select(name)
+        if self.packing is not None and self.packing.pays([len(p) for p in prompts]):
+            return self._prefill_packed(prompts, all_logits)
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)
         valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
@@ -55,6 +58,28 @@ class ServedModel:
                       logits_to_keep=0 if all_logits else 1)
         logits = [row[width - len(p):] if all_logits else row for row, p in zip(out.logits, prompts)]
         return logits, Batch.from_prefill(out.cache, valid)
+
+    def _prefill_packed(self, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
+        """The prompts as one sequence, positions restarting at each, under a block-diagonal causal mask: no padding
+        tokens go through the model (left-padding 8 prompts of 8-64 tokens to 64 runs 1.8x the tokens)."""
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([[token for p in prompts for token in p]], device=self.device)  # (1, T)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+        prompt = torch.repeat_interleave(torch.arange(len(prompts), device=self.device),
+                                         torch.tensor(lengths, device=self.device))  # (T,): which prompt
+        causal = positions[0][:, None] >= positions[0][None, :]
+        allowed = (prompt[:, None] == prompt[None, :]) & causal
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)  # additive: right for sdpa and eager alike
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        out = self.lm(input_ids=ids, attention_mask=mask[None, None], position_ids=positions, use_cache=True,
+                      logits_to_keep=0 if all_logits else ends)
+        if all_logits:
+            starts = ends - torch.tensor(lengths, device=self.device) + 1
+            logits = [out.logits[0, int(s):int(e) + 1] for s, e in zip(starts, ends)]
+        else:
+            logits = [row[None] for row in out.logits[0]]  # (1, V) each
+        return logits, Batch.from_packed(out.cache, lengths)
 
     def decode(self, name: str, tokens: list[int], batch: Batch) -> torch.Tensor:
         """Logits (rows, V) for each row's next token after feeding `tokens` (one per row)."""
@@ -124,6 +149,38 @@ class ServedModel:
             self.select(self.base_name)
         else:
             self.lm, self.wrapper, self.tuner, self.active = self.tuner.unload(), None, None, None
+
+
+class Packing:
+    """When a prefill of several prompts runs them packed into one sequence rather than left-padded to the longest.
+
+    Padded, n prompts of width w cost n * w tokens through the layers and n * w * w attention pairs (sdpa computes
+    the masked ones too); packed, T = sum of lengths tokens and T * T pairs. Packing is chosen when its estimated
+    FLOPs are lower, and never past MAX_TOKENS (the (T, T) mask). Only for the Llama-layout families the fast decode
+    path knows (their position ids and 4-d masks are honoured exactly) under sdpa or eager attention; a sliding
+    window shorter than the positions is already excluded there."""
+
+    MAX_TOKENS = 4096
+
+    def __init__(self, token_flops: float, pair_flops: float):
+        self.token_flops, self.pair_flops = token_flops, pair_flops
+
+    @classmethod
+    def of(cls, model) -> Packing | None:
+        config = model.config
+        if fastpath.unsupported(model) or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return None
+        h, layers, hd = config.hidden_size, config.num_hidden_layers, model.model.layers[0].self_attn.head_dim
+        q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+        weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size)
+        return cls(2.0 * weights, 4.0 * q * layers)
+
+    def pays(self, lengths: list[int]) -> bool:
+        n, width, total = len(lengths), max(lengths), sum(lengths)
+        if n == 1 or total == n * width or total > self.MAX_TOKENS:
+            return False
+        padded = n * width * self.token_flops + n * width * width * self.pair_flops
+        return total * self.token_flops + total * total * self.pair_flops < padded
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
