@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifecycle.serve import hugepages
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,22 @@ def build(model, compile: bool = False, native: bool | str = False) -> FastDecod
     log.info("decode: the fast path (%s, %d layers); adapters use the HF forward", model.config.model_type,
              model.config.num_hidden_layers)
     return FastDecoder(model, compile, native)
+
+
+def _transposed_bytes(model) -> int:
+    """Bytes of the float matrices FastDecoder stores transposed: fused q/k/v, o, fused gate/up, down, the head."""
+    def size(linears) -> int:  # as _fuse and _single decide; int8 modules keep their own packed weights
+        if any(type(linear) is not nn.Linear for linear in linears):
+            return 0
+        if len(linears) == 1 and not linears[0].weight.is_contiguous():
+            return 0
+        return hugepages.padded(sum(linear.weight.numel() * linear.weight.element_size() for linear in linears))
+    total = size([model.lm_head])
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        total += size([a.q_proj, a.k_proj, a.v_proj]) + size([a.o_proj]) + size([m.gate_proj, m.up_proj])
+        total += size([m.down_proj])
+    return total
 
 
 def unsupported(model) -> str | None:
@@ -107,6 +125,8 @@ class FastDecoder:
         # float32 on the CPU: weights stored transposed (see the module docstring)
         self.transpose = self.dtype == torch.float32 and self.embed.device.type == "cpu"
         self.fused: list[tuple[nn.Parameter, torch.Tensor]] = []  # (module weight, the view it must still be)
+        # the transposed copies live in huge pages where the system has them (lifecycle.serve.hugepages)
+        self.arena = hugepages.Arena(_transposed_bytes(model)) if self.transpose else None
         self.int8 = type(model.lm_head) is not nn.Linear
         self.head = self._single(model.lm_head)
         self.head_tensors = _tensors(self.head)
@@ -183,7 +203,9 @@ class FastDecoder:
         if type(linears[0]) is not nn.Linear:  # int8: each module packs its own weights
             return lambda x: torch.cat([linear(x) for linear in linears], -1)
         if self.transpose:  # (in_features, sum of out_features) contiguous, used through its transpose
-            weight = torch.cat([linear.weight.detach().t() for linear in linears], 1).t()
+            storage = self.arena.take((linears[0].in_features, sum(linear.out_features for linear in linears)),
+                                      self.dtype)
+            weight = torch.cat([linear.weight.detach().t() for linear in linears], 1, out=storage).t()
         else:
             weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
         biases = [linear.bias for linear in linears]
@@ -203,7 +225,8 @@ class FastDecoder:
         if type(linear) is not nn.Linear:  # int8: the module packs its own weights
             return linear
         if self.transpose and linear.weight.is_contiguous():
-            linear.weight.data = linear.weight.detach().t().contiguous().t()
+            storage = self.arena.take((linear.in_features, linear.out_features), self.dtype)
+            linear.weight.data = storage.copy_(linear.weight.detach().t()).t()
             self.fused.append((linear.weight, linear.weight.data))
         return partial(F.linear, weight=linear.weight, bias=linear.bias)  # the live parameters
 
