@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from lifecycle.serve import hugepages
+
 SOURCE = Path(__file__).with_name("native_step.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -158,6 +160,18 @@ def unsupported(decoder) -> str | None:
     return None
 
 
+def _int8_bytes(model) -> int:
+    """Bytes of the int8 matrices NativeStep repacks (fused q/k/v, o, fused gate/up, down, the head)."""
+    def size(modules) -> int:
+        return hugepages.padded(sum(module.in_features * module.out_features for module in modules))
+    total = size([model.lm_head])
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        total += size([a.q_proj, a.k_proj, a.v_proj]) + size([a.o_proj]) + size([m.gate_proj, m.up_proj])
+        total += size([m.down_proj])
+    return total
+
+
 class NativeStep:
     """The C step for one FastDecoder's model: the model's weights described once, called once per decode step."""
 
@@ -167,6 +181,8 @@ class NativeStep:
         config = model.config
         self.keep: list[torch.Tensor] = []  # every tensor the C side points at stays alive with this object
         self.int8 = decoder.int8
+        # the repacked int8 matrices in huge pages, like the fast path's float32 ones (lifecycle.serve.hugepages)
+        self.arena = hugepages.Arena(_int8_bytes(model) if self.int8 else 0)
         layers = (Layer * len(decoder.layers))()
         for spec, source, layer in zip(decoder.layers, model.model.layers, layers):
             layer.norm1, layer.norm2 = self._ptr(spec["norm1"]), self._ptr(spec["norm2"])
@@ -224,7 +240,8 @@ class NativeStep:
             scales.append(scale)
             bias = module.bias()
             biases.append(bias)
-        weight = torch.cat(weights, 1).contiguous()  # (in, out) int8
+        weight = self.arena.take((weights[0].shape[0], sum(w.shape[1] for w in weights)), torch.int8)
+        torch.cat(weights, 1, out=weight)  # (in, out) int8
         scale = torch.cat(scales).contiguous()
         bias = torch.cat([b.detach().float() for b in biases]).contiguous() if biases[0] is not None else None
         self.keep += [weight, scale] + ([bias] if bias is not None else [])

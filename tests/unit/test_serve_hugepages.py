@@ -61,6 +61,12 @@ def test_the_fast_path_fills_its_arena_exactly_with_every_transposed_matrix(fami
             assert low <= param.data_ptr() < low + arena.size, "a fused weight outside the arena"
 
 
-def test_int8_modules_take_nothing_from_the_arena(tokenizer):
+def test_int8_modules_take_nothing_from_the_fast_paths_arena(tokenizer):
     fast = ServedModel(random_model("llama_int8"), tokenizer, "base").fast
     assert fast.arena.size == 0 and fast.arena.used == 0
+
+
+@needs_thp
+def test_the_c_steps_repacked_int8_matrices_fill_their_arena_exactly(tokenizer):
+    step = ServedModel(random_model("llama_int8"), tokenizer, "base", native=True).fast.native
+    assert step.int8 and step.arena.huge and step.arena.used == step.arena.size > 0
