@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lifecycle.serve import hugepages
-
 GROW = 64  # spare columns allocated at each rebuild: a rebuild per 64 decode steps at most
 
 
@@ -87,11 +85,10 @@ class Batch(Cache):
     def _from_rows(cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> Batch:
         rows, width = valid.shape
         pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
-        storage = _storage(keys[0], len(keys), rows, width + GROW)
-        for source, target in zip(keys + values, storage[0] + storage[1]):
-            # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
-            target[:, :, :width].copy_(source).masked_fill_(pad, 0)
-        return cls(*storage, _with_capacity(valid, width + GROW), valid.sum(1), width)
+        # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
+        keys = [_with_capacity(k.masked_fill(pad, 0), width + GROW) for k in keys]
+        values = [_with_capacity(v.masked_fill(pad, 0), width + GROW) for v in values]
+        return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""
@@ -116,12 +113,9 @@ class Batch(Cache):
         self.positions += 1
 
     def _grow(self) -> None:
-        first = self.layers[0].keys
-        keys, values = _storage(first, len(self.layers), self.rows, self.t + GROW)
-        for layer, k, v in zip(self.layers, keys, values):
-            k[:, :, :layer.keys.shape[2]] = layer.keys
-            v[:, :, :layer.values.shape[2]] = layer.values
-            layer.keys, layer.values = k, v
+        for layer in self.layers:
+            layer.keys = _with_capacity(layer.keys, self.t + GROW)
+            layer.values = _with_capacity(layer.values, self.t + GROW)
         self.valid = _with_capacity(self.valid, self.t + GROW)
         self.bias = None
 
@@ -135,7 +129,8 @@ def merge(parts: list[tuple[Batch, list[int]]]) -> Batch | None:
     t = max(spans)
     n_rows = sum(len(rows) for _, rows in parts)
     first = parts[0][0]
-    keys, values = _storage(first.layers[0].keys, len(first.layers), n_rows, t + GROW)
+    keys = [_empty_like(layer.keys, n_rows, t + GROW) for layer in first.layers]
+    values = [_empty_like(layer.values, n_rows, t + GROW) for layer in first.layers]
     valid = torch.zeros(n_rows, t + GROW, dtype=torch.bool, device=first.valid.device)
     positions, row = [], 0
     for (batch, rows), span in zip(parts, spans):
@@ -156,14 +151,14 @@ def _first_used(batch: Batch, rows: list[int]) -> int:
     return int(used[0]) if len(used) else batch.t
 
 
-def _storage(like: torch.Tensor, layers: int, rows: int, columns: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zero keys and values for `layers` layers, shaped like `like` (rows, heads, columns, head_dim) with other rows
-    and columns; on the CPU in huge pages where the system has them (lifecycle.serve.hugepages): attention reads the
-    whole cache every step."""
-    tensors = hugepages.zeros(2 * layers, (rows, like.shape[1], columns, like.shape[3]), like)
-    return tensors[:layers], tensors[layers:]
+def _empty_like(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros shaped like `tensor` (rows, heads, columns, head_dim) with other rows/columns."""
+    return tensor.new_zeros(rows, tensor.shape[1], columns, tensor.shape[3])
 
 
-def _with_capacity(valid: torch.Tensor, columns: int) -> torch.Tensor:
-    """The (rows, columns) mask `valid` padded with False columns to `columns`."""
-    return torch.cat([valid, valid.new_zeros(valid.shape[0], columns - valid.shape[1])], dim=1)
+def _with_capacity(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """`tensor` padded with zeros along its column dimension (2 for K/V, 1 for the valid mask) to `columns`."""
+    dim = 2 if tensor.dim() == 4 else 1
+    pad = list(tensor.shape)
+    pad[dim] = columns - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=dim)

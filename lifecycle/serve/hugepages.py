@@ -1,11 +1,10 @@
 """Weight storage in transparent huge pages (Linux, where THP is "always" or "madvise").
 
-A decode step streams every weight matrix and the whole KV cache once. With 4 KB pages that is one TLB entry and one prefetcher restart per
+A decode step streams every weight matrix once. With 4 KB pages that is one TLB entry and one prefetcher restart per
 4 KB; with 2 MB pages the same reads ran 12% faster at batch 1 and 15% faster at 8 rows (a 120M Llama's products in
 step order, 2 threads: 16.6-17.4 -> 15.0 ms and 20.7-22.6 -> 18.1-18.3 ms). The fast path's fused, transposed
 float32 matrices (and the C step's repacked int8 ones) are carved out of one anonymous mapping advised
-MADV_HUGEPAGE, aligned to 2 MB, so at most one huge page is partly unused; so are a batch's keys and values (all
-layers' in one mapping, `zeros`) once they reach 2 MB. Elsewhere (other systems, THP "never")
+MADV_HUGEPAGE, aligned to 2 MB, so at most one huge page is partly unused. Elsewhere (other systems, THP "never")
 the arena is ordinary torch memory and nothing else changes.
 """
 from __future__ import annotations
@@ -50,11 +49,10 @@ class Arena:
             self.bytes = None
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of zeros (a fresh mapping is zero-filled and no piece is handed out twice); torch.zeros
-        once the arena is spent (or without huge pages)."""
+        """An uninitialised contiguous tensor; torch.empty once the arena is spent (or without huge pages)."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if self.bytes is None or self.used + nbytes > self.size:
-            return torch.zeros(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         piece = self.bytes[self.used:self.used + nbytes]
         self.used += -(-nbytes // ALIGN) * ALIGN
         return piece.view(dtype).view(shape)
@@ -63,12 +61,3 @@ class Arena:
 def padded(nbytes: int) -> int:
     """Bytes an arena needs for a tensor of `nbytes`."""
     return -(-nbytes // ALIGN) * ALIGN
-
-
-def zeros(count: int, shape: tuple[int, ...], like: torch.Tensor) -> list[torch.Tensor]:
-    """`count` zero tensors of `shape` with `like`'s dtype and device: one arena on the CPU from 2 MB together."""
-    each = padded(torch.Size(shape).numel() * like.element_size())
-    if like.device.type != "cpu" or count * each < HUGE_PAGE:
-        return [like.new_zeros(shape) for _ in range(count)]
-    arena = Arena(count * each)
-    return [arena.take(shape, like.dtype) for _ in range(count)]

@@ -70,19 +70,3 @@ def test_int8_modules_take_nothing_from_the_fast_paths_arena(tokenizer):
 def test_the_c_steps_repacked_int8_matrices_fill_their_arena_exactly(tokenizer):
     step = ServedModel(random_model("llama_int8"), tokenizer, "base", native=True).fast.native
     assert step.int8 and step.arena.huge and step.arena.used == step.arena.size > 0
-
-
-@needs_thp
-def test_a_batchs_keys_and_values_share_one_huge_mapping_from_2mb():
-    from lifecycle.serve import batch as batch_module
-
-    like = torch.zeros(1, 4, 1, 64)
-    keys, values = batch_module._storage(like, 4, 8, 256)  # 8 tensors of 2 MB
-    assert len(keys) == len(values) == 4 and all(t.shape == (8, 4, 256, 64) for t in keys + values)
-    assert all(not t.any() for t in keys + values)
-    for i, t in enumerate(keys + values):
-        t.fill_(i)
-    assert [int(t[0, 0, 0, 0]) for t in keys + values] == list(range(8))  # disjoint
-    assert _huge_kb(keys[0].data_ptr()) >= 2048
-    small, _ = batch_module._storage(like, 1, 1, 8)  # 4 KB in all: ordinary tensors, zeros too
-    assert small[0].shape == (1, 4, 8, 64) and not small[0].any()

@@ -107,7 +107,9 @@ def test_step_inputs_masks_equal_the_indexed_ones_across_growth_and_dtype(rows, 
     monkeypatch.setattr(batch_module, "GROW", 4)
     valid = torch.ones(rows, 3, dtype=torch.bool)
     valid[0, 0] = False
-    batch = Batch([torch.zeros(rows, 2, 7, 4) for _ in range(2)], [torch.zeros(rows, 2, 7, 4) for _ in range(2)],
+    layers = [torch.zeros(rows, 2, 3, 4) for _ in range(2)]
+    batch = Batch([batch_module._with_capacity(k, 7) for k in layers],
+                  [batch_module._with_capacity(v, 7) for v in layers],
                   batch_module._with_capacity(valid, 7), valid.sum(1), 3)
     for step in range(12):
         dtype = torch.float32 if step < 8 else torch.bfloat16
