@@ -66,20 +66,21 @@ class Batch(Cache):
     @classmethod
     def from_packed(cls, cache: Cache, lengths: list[int]) -> Batch:
         """Rows from a packed prefill's cache: prompts of `lengths` one after another in a single sequence
-        ((1, kv_heads, sum(lengths), head_dim) per layer), each moved to its own row, left-padded."""
-        device = cache.layers[0].keys.device
-        length = torch.tensor(lengths, device=device)
-        width = max(lengths)
-        column = torch.arange(width, device=device)[None]  # (1, width)
-        offset = (width - length)[:, None]  # (rows, 1): padding columns before each prompt
-        valid = column >= offset
-        source = ((length.cumsum(0) - length)[:, None] + column - offset).clamp(min=0).flatten()  # pads read 0
-
-        def rows(packed: torch.Tensor) -> torch.Tensor:  # (1, kv, T, hd) -> (rows, kv, width, hd)
-            return packed[0].index_select(1, source).unflatten(1, (len(lengths), width)).transpose(0, 1)
-
-        return cls._from_rows([rows(layer.keys) for layer in cache.layers],
-                              [rows(layer.values) for layer in cache.layers], valid)
+        ((1, kv_heads, sum(lengths), head_dim) per layer), each copied once into its own row, left-padded (the
+        padding columns are the storage's zeros)."""
+        first = cache.layers[0].keys
+        rows, width = len(lengths), max(lengths)
+        valid = torch.zeros(rows, width + GROW, dtype=torch.bool, device=first.device)
+        keys = [first.new_zeros(rows, first.shape[1], width + GROW, first.shape[3]) for _ in cache.layers]
+        values = [first.new_zeros(rows, first.shape[1], width + GROW, first.shape[3]) for _ in cache.layers]
+        start = 0
+        for row, n in enumerate(lengths):
+            valid[row, width - n:width] = True
+            for layer, k, v in zip(cache.layers, keys, values):
+                k[row, :, width - n:width] = layer.keys[0, :, start:start + n]
+                v[row, :, width - n:width] = layer.values[0, :, start:start + n]
+            start += n
+        return cls(keys, values, valid, torch.tensor(lengths, device=first.device), width)
 
     @classmethod
     def _from_rows(cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> Batch:
