@@ -40,6 +40,27 @@ def test_arena_tensors_are_aligned_disjoint_and_in_huge_pages():
     assert _huge_kb(a.data_ptr()) >= 2048
 
 
+@needs_thp
+def test_the_mapping_lives_as_long_as_any_tensor_taken_from_it():
+    import gc
+
+    size = 64 << 20
+
+    def mappings() -> int:  # mappings of exactly the arena's length (its size plus one huge page)
+        spans = (line.split()[0].split("-") for line in open("/proc/self/maps"))
+        return sum(int(b, 16) - int(a, 16) == size + hugepages.HUGE_PAGE for a, b in spans)
+
+    before = mappings()
+    arena = hugepages.Arena(size)
+    weight = arena.take((1000, 1000), torch.float32).fill_(3.0)
+    del arena
+    gc.collect()
+    assert mappings() == before + 1 and weight.sum() == 3_000_000  # the tensor keeps it
+    del weight
+    gc.collect()
+    assert mappings() == before  # unmapped with the last tensor
+
+
 def test_past_its_size_or_without_huge_pages_it_hands_out_ordinary_tensors(monkeypatch):
     arena = hugepages.Arena(4096)
     assert arena.take((2048,), torch.float32).shape == (2048,)  # 8 KB: more than the arena holds
