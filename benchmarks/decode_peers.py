@@ -25,7 +25,7 @@ Goals (issue 10): B2 >= 3x HF eager, >= 1x llama.cpp f32 on the 124M model; B3 p
 torch.ao, >= 1x q8_0. Figures go to benchmarks/results/decode_peers[-124m][-int8].json.
 
     python benchmarks/decode_peers.py                       # B2, tiny model
-    python benchmarks/decode_peers.py --size 124m --prompts 8 --new-tokens 64
+    python benchmarks/decode_peers.py --size 124m --prompts 32 --new-tokens 128
     python benchmarks/decode_peers.py --int8
 llama.cpp's venv and source tree (the GGUF converter ships only there): `make bench-peers`, ~13 min on 2 cores.
 (A GGML_NATIVE=ON build uses this CPU's AMX-INT8 tiles and segfaulted on every q8_0 evaluation of our models here;
