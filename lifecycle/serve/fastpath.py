@@ -70,12 +70,16 @@ def _transposed_bytes(model) -> int:
         if len(linears) == 1 and not linears[0].weight.is_contiguous():
             return 0
         return hugepages.padded(sum(linear.weight.numel() * linear.weight.element_size() for linear in linears))
-    total = size([model.lm_head])
+    return sum(size(group) for group in projection_groups(model))
+
+
+def projection_groups(model) -> list[list[nn.Module]]:
+    """The projections as the fast path fuses them: the head, then per layer q/k/v, o, gate/up and down."""
+    groups = [[model.lm_head]]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        total += size([a.q_proj, a.k_proj, a.v_proj]) + size([a.o_proj]) + size([m.gate_proj, m.up_proj])
-        total += size([m.down_proj])
-    return total
+        groups += [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
+    return groups
 
 
 def unsupported(model) -> str | None:

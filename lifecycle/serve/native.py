@@ -162,14 +162,10 @@ def unsupported(decoder) -> str | None:
 
 def _int8_bytes(model) -> int:
     """Bytes of the int8 matrices NativeStep repacks (fused q/k/v, o, fused gate/up, down, the head)."""
-    def size(modules) -> int:
-        return hugepages.padded(sum(module.in_features * module.out_features for module in modules))
-    total = size([model.lm_head])
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        total += size([a.q_proj, a.k_proj, a.v_proj]) + size([a.o_proj]) + size([m.gate_proj, m.up_proj])
-        total += size([m.down_proj])
-    return total
+    from lifecycle.serve.fastpath import projection_groups
+
+    return sum(hugepages.padded(sum(module.in_features * module.out_features for module in group))
+               for group in projection_groups(model))
 
 
 class NativeStep:
