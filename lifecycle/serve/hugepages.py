@@ -9,7 +9,6 @@ the arena is ordinary torch memory and nothing else changes.
 """
 from __future__ import annotations
 
-import logging
 import mmap
 import sys
 from pathlib import Path
@@ -18,8 +17,6 @@ import torch
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # bytes between tensors' starts: a cache line, so vector loads stay aligned
-
-log = logging.getLogger(__name__)
 
 
 def available() -> bool:
