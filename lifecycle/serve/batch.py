@@ -17,10 +17,8 @@ class SlotLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, batch: Column, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, batch: Batch, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        # the batch's column counter, not the batch: no reference cycle, so a dropped batch's keys and values are
-        # freed at once rather than at the next full garbage collection
         self.batch, self.keys, self.values, self.is_initialized = batch, keys, values, True
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -42,36 +40,18 @@ class SlotLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
-class Column:
-    """The column every row of a batch writes next (shared by the batch and its layers)."""
-
-    __slots__ = ("t",)
-
-    def __init__(self, t: int):
-        self.t = t
-
-
 class Batch(Cache):
     """Rows of running jobs: their KV storage, which columns hold real tokens, and each row's next position."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
                  positions: torch.Tensor, t: int):
-        self.column = Column(t)
-        super().__init__(layers=[SlotLayer(self.column, k, v) for k, v in zip(keys, values)])
+        super().__init__(layers=[SlotLayer(self, k, v) for k, v in zip(keys, values)])
         self.valid = valid            # (rows, capacity) bool: column holds a token of that row
         self.positions = positions    # (rows,) long: the position of each row's next token
+        self.t = t                    # columns in use; the next token of every row goes to column t
         self.bias: torch.Tensor | None = None  # (rows, capacity) additive mask made from `valid`, kept across steps
         self._mask_of: torch.Tensor | None = None  # the bias that _mask views
         self._mask: torch.Tensor | None = None
-
-    @property
-    def t(self) -> int:
-        """Columns in use; the next token of every row goes to column t."""
-        return self.column.t
-
-    @t.setter
-    def t(self, value: int) -> None:
-        self.column.t = value
 
     @property
     def rows(self) -> int:

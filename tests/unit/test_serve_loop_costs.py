@@ -151,23 +151,3 @@ def test_fanout_poll_returns_what_next_would_without_waiting():
     polled, nexted = asyncio.run(main())
     assert polled == nexted == [(0, "a", None, None), (0, "b", "stop", None),
                                 (2, "", "error", "engine failure: RuntimeError: bug")]
-
-
-def test_a_dropped_batch_is_freed_at_once_not_at_the_next_garbage_collection():
-    # Its layers refer to the batch's column counter, not to the batch: no reference cycle holds its keys and
-    # values (hundreds of MB for a large batch) until the collector runs.
-    import gc
-    import weakref
-
-    gc.disable()
-    try:
-        batch = Batch([torch.zeros(2, 2, 8, 4)], [torch.zeros(2, 2, 8, 4)], torch.ones(2, 8, dtype=torch.bool),
-                      torch.tensor([8, 8]), 8)
-        batch.advance()
-        assert batch.t == 9 and batch.layers[0].get_seq_length() == 9  # the layers see the batch's column
-        keys = weakref.ref(batch.layers[0].keys)
-        gone = weakref.ref(batch)
-        del batch
-        assert gone() is None and keys() is None
-    finally:
-        gc.enable()
