@@ -60,8 +60,12 @@ class Batch(Cache):
     @classmethod
     def from_prefill(cls, cache: Cache, valid: torch.Tensor) -> Batch:
         """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width)."""
-        return cls._from_rows([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                              valid)
+        rows, width = valid.shape
+        pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
+        # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
+        keys = [_with_capacity(layer.keys.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
+        values = [_with_capacity(layer.values.masked_fill(pad, 0), width + GROW) for layer in cache.layers]
+        return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     @classmethod
     def from_packed(cls, cache: Cache, lengths: list[int]) -> Batch:
@@ -81,15 +85,6 @@ class Batch(Cache):
                 v[row, :, width - n:width] = layer.values[0, :, start:start + n]
             start += n
         return cls(keys, values, valid, torch.tensor(lengths, device=first.device), width)
-
-    @classmethod
-    def _from_rows(cls, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> Batch:
-        rows, width = valid.shape
-        pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
-        # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
-        keys = [_with_capacity(k.masked_fill(pad, 0), width + GROW) for k in keys]
-        values = [_with_capacity(v.masked_fill(pad, 0), width + GROW) for v in values]
-        return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""

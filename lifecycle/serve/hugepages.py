@@ -51,7 +51,7 @@ class Arena:
         if self.bytes is None or self.used + nbytes > self.size:
             return torch.empty(shape, dtype=dtype)
         piece = self.bytes[self.used:self.used + nbytes]
-        self.used += -(-nbytes // ALIGN) * ALIGN
+        self.used += padded(nbytes)
         return piece.view(dtype).view(shape)
 
 

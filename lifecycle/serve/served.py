@@ -72,12 +72,11 @@ class ServedModel:
         allowed = (prompt[:, None] == prompt[None, :]) & causal
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)  # additive: right for sdpa and eager alike
-        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        ends = torch.tensor(lengths, device=self.device).cumsum(0)  # one past each prompt's last token
         out = self.lm(input_ids=ids, attention_mask=mask[None, None], position_ids=positions, use_cache=True,
-                      logits_to_keep=0 if all_logits else ends)
+                      logits_to_keep=0 if all_logits else ends - 1)
         if all_logits:
-            starts = ends - torch.tensor(lengths, device=self.device) + 1
-            logits = [out.logits[0, int(s):int(e) + 1] for s, e in zip(starts, ends)]
+            logits = [out.logits[0, int(e) - n:int(e)] for e, n in zip(ends, lengths)]
         else:
             logits = [row[None] for row in out.logits[0]]  # (1, V) each
         return logits, Batch.from_packed(out.cache, lengths)
@@ -171,10 +170,10 @@ class Packing:
         config = model.config
         if fastpath.unsupported(model) or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
             return None
-        h, layers, hd = config.hidden_size, config.num_hidden_layers, model.model.layers[0].self_attn.head_dim
-        q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-        weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size)
-        return cls(2.0 * weights, 4.0 * q * layers)
+        layer_groups = fastpath.projection_groups(model)[1:]  # the head runs on the last tokens only
+        weights = sum(linear.in_features * linear.out_features for group in layer_groups for linear in group)
+        q = config.num_attention_heads * model.model.layers[0].self_attn.head_dim
+        return cls(2.0 * weights, 4.0 * q * config.num_hidden_layers)
 
     def pays(self, lengths: list[int]) -> bool:
         n, width, total = len(lengths), max(lengths), sum(lengths)
