@@ -88,31 +88,37 @@ class Batch(Cache):
 
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""
+        self.claim(1, dtype)
+        if self._mask_of is not self.bias:  # the (rows, 1, 1, capacity) view, made again only with a new bias
+            self._mask, self._mask_of = self.bias[:, None, None, :], self.bias
+        return self.positions.unsqueeze(1), self._mask[..., :self.t + 1]  # mask: (rows, 1, query=1, keys)
+
+    def claim(self, k: int, dtype: torch.dtype) -> None:
+        """Make columns t .. t + k - 1 real for every row (growing the storage if they are not there), in `valid`
+        and in the additive mask `bias`, for the next k decode steps."""
         t = self.t
-        if t == self.valid.shape[1]:
-            self._grow()
-        # select/fill_ and a kept 4-d view of the bias: ~7 us a step where indexing with [:, t] and None took ~10
-        self.valid.select(1, t).fill_(True)
+        if t + k > self.valid.shape[1]:
+            self._grow(k)
+        # narrow/fill_ and a kept bias: ~7 us a step where indexing with [:, t] and None took ~10
+        self.valid.narrow(1, t, k).fill_(True)
         bias = self.bias
         if bias is None or bias.dtype != dtype:
             bias = self.bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
             bias.masked_fill_(~self.valid, torch.finfo(dtype).min)  # additive: right for sdpa and eager alike
-        else:  # only column t changed since the last step
-            bias.select(1, t).zero_()
-        if self._mask_of is not bias:  # the (rows, 1, 1, capacity) view, made again only with a new bias
-            self._mask, self._mask_of = bias[:, None, None, :], bias
-        return self.positions.unsqueeze(1), self._mask[..., :t + 1]  # mask: (rows, 1, query=1, keys)
+        else:  # only the claimed columns changed since the last step
+            bias.narrow(1, t, k).zero_()
 
-    def advance(self) -> None:
-        """After a decode step: every row wrote column t."""
-        self.t += 1
-        self.positions += 1
+    def advance(self, k: int = 1) -> None:
+        """After k decode steps: every row wrote columns t .. t + k - 1."""
+        self.t += k
+        self.positions += k
 
-    def _grow(self) -> None:
+    def _grow(self, k: int = 1) -> None:
+        columns = self.t + max(GROW, k)
         for layer in self.layers:
-            layer.keys = _with_capacity(layer.keys, self.t + GROW)
-            layer.values = _with_capacity(layer.values, self.t + GROW)
-        self.valid = _with_capacity(self.valid, self.t + GROW)
+            layer.keys = _with_capacity(layer.keys, columns)
+            layer.values = _with_capacity(layer.values, columns)
+        self.valid = _with_capacity(self.valid, columns)
         self.bias = None
 
 

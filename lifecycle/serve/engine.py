@@ -30,7 +30,7 @@ class LocalEngine:
                  max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
                  device: str = "cpu", dtype: str = "float32", threads: int | None = None,
                  model_root: str | None = None, fast_decode: bool = True, compile: bool = False,
-                 native: bool | str = "auto"):
+                 native: bool | str = "auto", run_ahead_ms: float = 4.0):
         self.model_dir = Path(model)
         self.name = name or self.model_dir.name
         self.adapter_dirs = dict(adapters or {})
@@ -41,6 +41,9 @@ class LocalEngine:
         if native not in (True, False, "auto"):
             raise ConfigError(f"deploy.engine.native must be true, false or auto, got {native!r}")
         self.native = native  # ... or run in C (lifecycle.serve.native): auto where it builds and applies
+        if not run_ahead_ms >= 0:
+            raise ConfigError(f"deploy.engine.run_ahead_ms must be >= 0 (0: one step per call), got {run_ahead_ms!r}")
+        self.run_ahead = run_ahead_ms / 1000  # greedy steps taken several per C call, about this long (Scheduler)
         self.model_root = Path(model_root).resolve() if model_root else None
         self.context_length = context_length or _configured_context(self.model_dir)
         self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready
@@ -202,7 +205,7 @@ class LocalEngine:
         from lifecycle.serve.scheduler import Scheduler
 
         self.load_error = None
-        scheduler = Scheduler(None, self.max_batch_size, flush=self._flush)
+        scheduler = Scheduler(None, self.max_batch_size, flush=self._flush, run_ahead=self.run_ahead)
         scheduler.thread.start()
         try:
             served = await asyncio.wrap_future(scheduler.call(self._load))

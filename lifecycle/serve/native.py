@@ -140,6 +140,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lc_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int]
+    lib.lc_greedy.restype = ctypes.c_int
+    lib.lc_greedy.argtypes = [*lib.lc_step.argtypes, ctypes.c_int, ctypes.c_void_p]
     lib.lc_work_floats.restype = ctypes.c_int64
     lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int]
     return lib
@@ -193,6 +195,7 @@ class NativeStep:
         embed = decoder.embed.detach()
         self.keep.append(embed)
         self.vocab = model.lm_head.out_features
+        self.runs_ahead = self.vocab <= embed.shape[0]  # lc_greedy feeds each argmax back through the embedding
         self.model = Model(n_layers=len(decoder.layers), hidden=config.hidden_size, heads=decoder.heads,
                            kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, inter=config.intermediate_size,
                            vocab=self.vocab, int8=int(self.int8), eps=decoder.eps, scale=decoder.scale,
@@ -254,6 +257,20 @@ class NativeStep:
         self.model.max_pos = positions
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """Logits (rows, vocab) after feeding ids (rows,) at positions (rows,); keys and values go to column batch.t."""
+        logits = torch.empty(ids.shape[0], self.vocab)
+        self._run(self.lib.lc_step, ids, positions, batch, logits)
+        return logits
+
+    def greedy(self, ids: torch.Tensor, positions: torch.Tensor, batch, k: int) -> torch.Tensor:
+        """k greedy steps in one call, each row fed its own previous argmax: the tokens (rows, k). Columns
+        batch.t .. batch.t + k - 1 must already be claimed (Batch.claim)."""
+        tokens = torch.empty(ids.shape[0], k, dtype=torch.int64)
+        self._run(self.lib.lc_greedy, ids, positions, batch, torch.empty(ids.shape[0], self.vocab), k,
+                  tokens.data_ptr())
+        return tokens
+
+    def _run(self, entry, ids: torch.Tensor, positions: torch.Tensor, batch, logits: torch.Tensor, *extra) -> None:
         rows = ids.shape[0]
         layers = batch.layers
         cap = layers[0].keys.shape[2]
@@ -275,15 +292,17 @@ class NativeStep:
         bias = batch.bias
         if not bias.is_contiguous() or bias.dtype != torch.float32:
             raise ValueError("the batch's mask is not a contiguous float32 tensor")
-        logits = torch.empty(rows, self.vocab)
+        last = int(positions.max()) + (extra[0] if extra else 1) - 1  # the last position this call reaches
         while True:
-            done = self.lib.lc_step(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(),
-                                    bias.data_ptr(), cap, batch.t, self.caches[1], self.caches[2],
-                                    logits.data_ptr(), work.data_ptr(), threads)
+            done = entry(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(), bias.data_ptr(), cap,
+                         batch.t, self.caches[1], self.caches[2], logits.data_ptr(), work.data_ptr(), threads, *extra)
             if done == 0:
-                return logits
+                return
             if done == -2:
                 raise ValueError(f"token ids {ids.tolist()} include one outside the embedding's "
                                  f"{self.model.embed_rows} rows")
+            if done == -3:
+                raise ValueError(f"the head's {self.vocab} columns outnumber the embedding's {self.model.embed_rows} "
+                                 "rows: its tokens cannot all be fed back")
             # a position past the rope table: double it (positions are checked before anything is written)
-            self._tables(max(2 * self.model.max_pos, int(positions.max()) + 1))
+            self._tables(max(2 * self.model.max_pos, last + 1))

@@ -541,3 +541,45 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
     }
     return 0;
 }
+
+/* The index of the largest of x[0..n): the first one among equals, or the first NaN where there is one (numpy's
+   argmax, which the scheduler's single steps use) */
+static int64_t argmax(const float *x, int64_t n) {
+    float top = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+    for (int64_t j = 0; j < n; j++) {
+        top = x[j] > top ? x[j] : top;
+        nan |= x[j] != x[j];
+    }
+    for (int64_t j = 0; j < n; j++)
+        if (nan ? x[j] != x[j] : x[j] == top) return j;
+    return 0; /* every x is -inf */
+}
+
+/* k greedy decode steps in one call: step s feeds each row the argmax of its step s - 1 (ids at step 0) at position
+   pos[r] + s, column t + s; tokens (rows, k) gets every row's k argmaxes. The caller marks columns t..t+k-1 valid in
+   bias. Everything is checked before anything is written: -1 when a position would pass the rope table, -2 for a
+   token id outside the embedding, -3 when the head has more columns than the embedding has rows (an argmax could
+   not be fed back). logits (rows, vocab) holds the last step's. */
+int lc_greedy(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
+              int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads, int k,
+              int64_t *tokens) {
+    if (m->vocab > m->embed_rows) return -3;
+    for (int r = 0; r < rows; r++) {
+        if (pos[r] < 0 || pos[r] + k - 1 >= m->max_pos) return -1;
+        if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
+    }
+    int64_t *feed = malloc(sizeof(int64_t) * 2 * rows), *at = feed + rows;
+    for (int r = 0; r < rows; r++) feed[r] = ids[r], at[r] = pos[r];
+    for (int s = 0; s < k; s++) {
+        lc_step(m, rows, feed, at, bias, cap, t + s, keys, values, logits, work, nthreads);
+        for (int r = 0; r < rows; r++) {
+            feed[r] = argmax(logits + (int64_t)r * m->vocab, m->vocab);
+            tokens[(int64_t)r * k + s] = feed[r];
+            at[r]++;
+        }
+    }
+    free(feed);
+    return 0;
+}

@@ -95,6 +95,22 @@ class ServedModel:
         batch.advance()
         return logits
 
+    def runs_ahead(self, name: str) -> bool:
+        """Whether `name`'s greedy rows can take several steps in one call (decode_greedy): the base model under the
+        C step, whose head's every token has an embedding row to be fed back."""
+        fast = self._fast() if name == self.base_name else None
+        return fast is not None and fast.native is not None and fast.native.runs_ahead
+
+    def decode_greedy(self, name: str, tokens: list[int], batch: Batch, k: int) -> list[list[int]]:
+        """k greedy steps for every row (runs_ahead(name) must hold): feeding `tokens`, then each row's own argmax;
+        each row's k tokens, the same as k calls of decode with the logits' argmax fed back."""
+        self.select(name)
+        batch.claim(k, self.dtype)
+        ids = torch.tensor(tokens)
+        out = self._fast().native.greedy(ids, batch.positions, batch, k)
+        batch.advance(k)
+        return out.tolist()
+
     def _fast(self):
         """The fast decode step (None: the HF forward), fused again if a weight was replaced since (a dtype change)."""
         if self.fast is not None and self.fast.stale():

@@ -94,7 +94,3 @@ async def wait_idle(engine, seconds=2.0):
 
 def ids_of(tokenizer, prompt) -> list[int]:
     return tokenizer.encode(prompt, add_special_tokens=False)
-
-
-def ids_of(tokenizer, prompt) -> list[int]:
-    return tokenizer.encode(prompt, add_special_tokens=False)

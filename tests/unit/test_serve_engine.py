@@ -24,7 +24,9 @@ def test_greedy_equals_hf_generate_alone_and_joining_a_running_batch(family, req
     model = (LlamaForCausalLM if family == "llama_dir" else GPT2LMHeadModel).from_pretrained(directory).eval()
 
     async def main():
-        async with serving(directory) as engine:
+        # one step per event (no run-ahead), so the others join after the leader's 5th token; test_serve_run_ahead
+        # compares run-ahead's output with this step-by-step decoding
+        async with serving(directory, run_ahead_ms=0) as engine:
             alone = [tokens(await collect(engine, ask(engine, p, max_tokens=24))) for p in PROMPTS[:3]]
             # The first job runs alone for a few steps; the others join its batch mid-run.
             joined, events = asyncio.Event(), []
@@ -192,13 +194,13 @@ def test_deadline_ends_the_job_with_timeout(llama_dir, monkeypatch):
 
 
 def test_a_failure_mid_generation_ends_only_that_job(llama_dir, monkeypatch):
-    advance = Scheduler._advance
+    accept = Scheduler._accept  # every token goes through it, one step at a time or in a run
 
     def flaky(self, job, *args, **kwargs):
         if job.request.request_id == "boom" and job.completion == 3:
             raise RuntimeError("injected fault")
-        return advance(self, job, *args, **kwargs)
-    monkeypatch.setattr(Scheduler, "_advance", flaky)
+        return accept(self, job, *args, **kwargs)
+    monkeypatch.setattr(Scheduler, "_accept", flaky)
 
     async def main():
         async with serving(llama_dir) as engine:

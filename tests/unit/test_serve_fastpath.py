@@ -141,7 +141,7 @@ def sharp_llama_dir(tokenizer, tmp_path_factory):
 
 def test_engine_greedy_output_is_the_same_with_and_without_the_fast_path(sharp_llama_dir):
     async def outputs(fast_decode: bool):
-        async with serving(sharp_llama_dir, fast_decode=fast_decode) as engine:
+        async with serving(sharp_llama_dir, fast_decode=fast_decode, run_ahead_ms=0) as engine:  # step by step
             joined, first = asyncio.Event(), []
 
             async def leader():  # runs alone for 5 steps, then the others join its batch; they leave at different steps
