@@ -86,6 +86,20 @@ class Batch(Cache):
             start += n
         return cls(keys, values, valid, torch.tensor(lengths, device=first.device), width)
 
+    @classmethod
+    def empty(cls, lengths: list[int], layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> Batch:
+        """Zeroed storage for prompts of `lengths`, one row each, left-padded to the longest (their padding masked),
+        for a prefill that writes keys and values in place (NativeStep.prefill)."""
+        rows, width = len(lengths), max(lengths)
+        valid = torch.zeros(rows, width + GROW, dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            valid[row, width - n:width] = True
+        keys = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype) for _ in range(layers)]
+        values = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype) for _ in range(layers)]
+        batch = cls(keys, values, valid, torch.tensor(lengths), width)
+        batch.claim(0, dtype)  # the additive mask
+        return batch
+
     def step_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(position_ids (rows, 1), additive attention mask (rows, 1, 1, t + 1)) for the next decode step."""
         self.claim(1, dtype)

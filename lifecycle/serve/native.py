@@ -144,6 +144,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lc_greedy.argtypes = [*lib.lc_step.argtypes, ctypes.c_int, ctypes.c_void_p]
     lib.lc_work_floats.restype = ctypes.c_int64
     lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int]
+    lib.lc_prefill.restype = ctypes.c_int
+    lib.lc_prefill.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int]
+    lib.lc_prefill_floats.restype = ctypes.c_int64
+    lib.lc_prefill_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -270,10 +277,32 @@ class NativeStep:
                   tokens.data_ptr())
         return tokens
 
-    def _run(self, entry, ids: torch.Tensor, positions: torch.Tensor, batch, logits: torch.Tensor, *extra) -> None:
-        rows = ids.shape[0]
+    def prefill(self, prompts: list[list[int]], batch) -> torch.Tensor:
+        """Run `prompts` at once into `batch`'s empty storage (row i: prompt i, left-padded to batch.t columns, its
+        padding already masked in batch.bias): the logits (prompts, vocab) of each prompt's last token."""
+        width = batch.t
+        ids = torch.tensor([token for p in prompts for token in p], dtype=torch.int64)
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        rows = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]))
+        columns = positions + width - torch.tensor([len(p) for p in prompts])[rows]
+        out = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+        logits = torch.empty(len(prompts), self.vocab)
         layers = batch.layers
-        cap = layers[0].keys.shape[2]
+        keys, values = self._caches(layers)
+        threads = torch.get_num_threads()
+        work = torch.empty(self.lib.lc_prefill_floats(ctypes.byref(self.model), len(ids), len(prompts), threads))
+        bias = self._bias(batch)
+        while True:
+            done = self.lib.lc_prefill(ctypes.byref(self.model), len(ids), ids.data_ptr(), positions.data_ptr(),
+                                       rows.data_ptr(), columns.data_ptr(), batch.rows, bias.data_ptr(),
+                                       layers[0].keys.shape[2], keys, values, len(prompts), out.data_ptr(),
+                                       logits.data_ptr(), work.data_ptr(), threads)
+            if done == 0:
+                return logits
+            self._failed(done, ids, int(positions.max()))
+
+    def _caches(self, layers) -> tuple:
+        """The C arrays of the layers' key and value pointers, made again only when the storage moved."""
         key = tuple(layer.keys.data_ptr() for layer in layers) + tuple(layer.values.data_ptr() for layer in layers)
         if self.caches is None or self.caches[0] != key:
             for layer in layers:
@@ -282,6 +311,33 @@ class NativeStep:
             keys = (ctypes.c_void_p * len(layers))(*(layer.keys.data_ptr() for layer in layers))
             values = (ctypes.c_void_p * len(layers))(*(layer.values.data_ptr() for layer in layers))
             self.caches = (key, keys, values)
+        return self.caches[1], self.caches[2]
+
+    @staticmethod
+    def _bias(batch) -> torch.Tensor:
+        bias = batch.bias
+        if not bias.is_contiguous() or bias.dtype != torch.float32:
+            raise ValueError("the batch's mask is not a contiguous float32 tensor")
+        return bias
+
+    def _failed(self, done: int, ids: torch.Tensor, last: int) -> None:
+        """Raise for what a C entry point refused, or grow the rope table to reach position `last` (-1)."""
+        if done == -2:
+            raise ValueError(f"token ids {ids.tolist()} include one outside the embedding's "
+                             f"{self.model.embed_rows} rows")
+        if done == -3:
+            raise ValueError(f"the head's {self.vocab} columns outnumber the embedding's {self.model.embed_rows} "
+                             "rows: its tokens cannot all be fed back")
+        if done != -1:
+            raise ValueError(f"the C step refused its inputs (code {done})")
+        # a position past the rope table: double it (positions are checked before anything is written)
+        self._tables(max(2 * self.model.max_pos, last + 1))
+
+    def _run(self, entry, ids: torch.Tensor, positions: torch.Tensor, batch, logits: torch.Tensor, *extra) -> None:
+        rows = ids.shape[0]
+        layers = batch.layers
+        cap = layers[0].keys.shape[2]
+        keys, values = self._caches(layers)
         threads = torch.get_num_threads()
         work = self.work.get((rows, threads))
         if work is None:
@@ -289,20 +345,11 @@ class NativeStep:
                                                                                    threads))
         ids = ids.to(torch.int64).contiguous()  # the C side reads int64 (no copy when they already are)
         positions = positions.to(torch.int64).contiguous()
-        bias = batch.bias
-        if not bias.is_contiguous() or bias.dtype != torch.float32:
-            raise ValueError("the batch's mask is not a contiguous float32 tensor")
+        bias = self._bias(batch)
         last = int(positions.max()) + (extra[0] if extra else 1) - 1  # the last position this call reaches
         while True:
             done = entry(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(), bias.data_ptr(), cap,
-                         batch.t, self.caches[1], self.caches[2], logits.data_ptr(), work.data_ptr(), threads, *extra)
+                         batch.t, keys, values, logits.data_ptr(), work.data_ptr(), threads, *extra)
             if done == 0:
                 return
-            if done == -2:
-                raise ValueError(f"token ids {ids.tolist()} include one outside the embedding's "
-                                 f"{self.model.embed_rows} rows")
-            if done == -3:
-                raise ValueError(f"the head's {self.vocab} columns outnumber the embedding's {self.model.embed_rows} "
-                                 "rows: its tokens cannot all be fed back")
-            # a position past the rope table: double it (positions are checked before anything is written)
-            self._tables(max(2 * self.model.max_pos, last + 1))
+            self._failed(done, ids, last)

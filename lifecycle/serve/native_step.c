@@ -420,77 +420,98 @@ static void head_attention_any(int hd, const float *q, const float *K, const flo
     for (int i = 0; i < hd; i++) o[i] *= inv;
 }
 
-/* The q/k/v partial sums of one row and kv group, combined, rope, the cache write and attention for one row and one
-   kv head (and its group of query heads). Each (row, kv group) owns its q, k and v columns, so the combine needs no
-   barrier of its own. */
-static void attend(const Model *m, const Layer *L, int layer_i, int r, int g, float *qkv, int64_t ld_qkv,
-                   const float *part, int nt, int rows, const int64_t *pos, const float *bias, int64_t cap,
-                   int64_t t, float *const *keys, float *const *values, float *out, int64_t ld_out, float *scores) {
+/* The q/k/v partial sums of one row and kv group combined, (qwen3) q/k norms, rope on its q and k heads, and its key
+   and value written at column `col` of cache row `crow`. Each (row, kv group) owns its q, k and v columns, so the
+   combine needs no barrier of its own. */
+static void prepare(const Model *m, const Layer *L, int layer_i, int r, int g, float *qkv, int64_t ld_qkv,
+                    const float *part, int nt, int rows, int64_t pos, int64_t crow, int64_t col, int64_t cap,
+                    float *const *keys, float *const *values) {
     int nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, group = nq / nkv;
     int64_t spans[3][2] = {{(int64_t)g * group * hd, (int64_t)(g + 1) * group * hd},
                            {(int64_t)(nq + g) * hd, (int64_t)(nq + g + 1) * hd},
                            {(int64_t)(nq + nkv + g) * hd, (int64_t)(nq + nkv + g + 1) * hd}};
     for (int i = 0; i < 3; i++)
         combine_columns(&L->qkv, ld_qkv, part, nt, rows, r, r + 1, spans[i][0], spans[i][1], qkv, ld_qkv, 0);
-    const float *cos_ = m->cos_t + pos[r] * hd, *sin_ = m->sin_t + pos[r] * hd;
+    const float *cos_ = m->cos_t + pos * hd, *sin_ = m->sin_t + pos * hd;
     float *row = qkv + r * ld_qkv;
     float *k = row + (int64_t)(nq + g) * hd, *v = row + (int64_t)(nq + nkv + g) * hd;
     if (L->k_norm) rms_norm(k, L->k_norm, k, hd, m->eps);
     rope(k, cos_, sin_, hd);
-    float *K = keys[layer_i] + ((int64_t)r * nkv + g) * cap * hd;
-    float *V = values[layer_i] + ((int64_t)r * nkv + g) * cap * hd;
-    memcpy(K + t * hd, k, sizeof(float) * hd);
-    memcpy(V + t * hd, v, sizeof(float) * hd);
-    const float *mask = bias + r * cap;
+    memcpy(keys[layer_i] + ((crow * nkv + g) * cap + col) * hd, k, sizeof(float) * hd);
+    memcpy(values[layer_i] + ((crow * nkv + g) * cap + col) * hd, v, sizeof(float) * hd);
     for (int h = g * group; h < (g + 1) * group; h++) {
         float *q = row + (int64_t)h * hd;
         if (L->q_norm) rms_norm(q, L->q_norm, q, hd, m->eps);
         rope(q, cos_, sin_, hd);
+    }
+}
+
+/* Attention of row r's query heads of kv group g (prepared) over columns 0..col of cache row crow, under that row's
+   additive mask */
+static void look(const Model *m, int layer_i, int r, int g, const float *qkv, int64_t ld_qkv, int64_t crow,
+                 int64_t col, const float *bias, int64_t cap, float *const *keys, float *const *values, float *out,
+                 int64_t ld_out, float *scores) {
+    int nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, group = nq / nkv;
+    const float *K = keys[layer_i] + (crow * nkv + g) * cap * hd, *V = values[layer_i] + (crow * nkv + g) * cap * hd;
+    const float *mask = bias + crow * cap;
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        const float *q = qkv + r * ld_qkv + (int64_t)h * hd;
         float *o = out + (int64_t)r * ld_out + (int64_t)h * hd;
-        if (hd == 64) head_attention(64, q, K, V, mask, t, m->scale, scores, o);
-        else if (hd == 128) head_attention(128, q, K, V, mask, t, m->scale, scores, o);
-        else head_attention_any(hd, q, K, V, mask, t, m->scale, scores, o);
+        if (hd == 64) head_attention(64, q, K, V, mask, col, m->scale, scores, o);
+        else if (hd == 128) head_attention(128, q, K, V, mask, col, m->scale, scores, o);
+        else head_attention_any(hd, q, K, V, mask, col, m->scale, scores, o);
     }
 }
 
 static int64_t widest(const Model *m) {
     int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim, n = qkv;
     if (2 * (int64_t)m->inter > n) n = 2 * (int64_t)m->inter;
-    if (m->vocab > n) n = m->vocab;
     return n > m->hidden ? n : m->hidden;
 }
 
-/* Floats of scratch lc_step needs for `rows` rows and `nthreads` threads. */
-int64_t lc_work_floats(const Model *m, int rows, int nthreads) {
-    int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
-    return (int64_t)rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) +
-           (int64_t)nthreads * rows * (2 * m->hidden + 2 * widest(m));
+/* Floats of scratch forward() needs for `rows` rows, `outs` of them through the head, and `nthreads` threads */
+static int64_t scratch_floats(const Model *m, int64_t rows, int64_t outs, int nthreads) {
+    int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim, part = rows * widest(m);
+    if (outs * m->vocab > part) part = outs * m->vocab;
+    return rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) + (int64_t)nthreads * (2 * part + 2 * rows * m->hidden);
 }
 
-/* Logits (rows, vocab) after feeding ids at positions; keys/values[l]: (rows, kv_heads, cap, head_dim) float32,
-   written at column t; bias: (rows, cap) additive mask; work: lc_work_floats(m, rows, nthreads) floats.
-   Returns 0; -1 when a position is past the rope table, -2 for a token id outside the embedding (nothing is
-   written then).
+/* Floats of scratch lc_step needs for `rows` rows and `nthreads` threads. */
+int64_t lc_work_floats(const Model *m, int rows, int nthreads) { return scratch_floats(m, rows, rows, nthreads); }
+
+/* Floats of scratch lc_prefill needs for `tokens` prompt tokens, `outs` of them with logits, and `nthreads` threads */
+int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
+    return scratch_floats(m, tokens, outs, nthreads);
+}
+
+/* The model over `rows` tokens: token r has id ids[r] and position pos[r], writes its key/value at column col[r] of
+   cache row crow[r] and attends columns 0..col[r] of that row under its additive mask (bias: (cache rows, cap)).
+   crow NULL: token r uses cache row r; col NULL: every token writes column t. Logits (outs, vocab) for the tokens
+   listed in out (NULL: all rows, outs == rows). With `shared` (tokens of one prompt in one cache row: a prefill)
+   every key and value of a layer is written before any token attends; otherwise each (row, kv group) writes and
+   attends at once.
 
    Every thread keeps its own copy of the residual stream (x) and of the normed rows, updated from the partial sums
    of o and down by each thread alike, and q/k/v are combined by the attention work that owns them: 6 barriers a
-   layer. Partial sums alternate between two buffers, so a thread still reading one never races the next product. */
-int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
-            int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads) {
-    for (int r = 0; r < rows; r++) {
-        if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
-        if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
-    }
-    int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, W = widest(m);
-    int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
+   layer (7 shared). Partial sums alternate between two buffers, so a thread still reading one never races the next
+   product. */
+static void forward(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const int64_t *crow,
+                    const int64_t *col, int64_t t, int shared, const float *bias, int64_t cap, float *const *keys,
+                    float *const *values, int outs, const int64_t *out, float *logits, float *work, int nthreads) {
+    int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
+    int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd, P = rows * widest(m);
+    if (outs * (int64_t)m->vocab > P) P = outs * (int64_t)m->vocab;
     float *qkv = work, *att = qkv + rows * QKV, *mid = att + rows * A, *part_a = mid + rows * I,
-          *part_b = part_a + (int64_t)nthreads * rows * W, *own = part_b + (int64_t)nthreads * rows * W;
+          *part_b = part_a + (int64_t)nthreads * P, *own = part_b + (int64_t)nthreads * P;
+    int64_t span = t + 1;
+    if (col)
+        for (int r = 0; r < rows; r++) span = col[r] + 1 > span ? col[r] + 1 : span;
     int int8 = m->int8;
     Barrier b = {0, 0};
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *scores = malloc(sizeof(float) * (t + 1));
+        float *scores = malloc(sizeof(float) * span);
         float *x = own + (int64_t)tid * rows * 2 * H, *h = x + rows * H;
         for (int r = 0; r < rows; r++)
             for (int64_t i = 0; i < H; i++) x[r * H + i] = m->embed[ids[r] * m->embed_s0 + i * m->embed_s1];
@@ -499,9 +520,21 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
             partial_sums(int8, &L->qkv, 0, QKV, h, H, rows, H, part_a, tid, nt);
             meet(&b, nt);
-            for (int64_t rg = tid; rg < rows * nkv; rg += nt)
-                attend(m, L, l, (int)(rg / nkv), (int)(rg % nkv), qkv, QKV, part_a, nt, rows, pos, bias, cap, t,
-                       keys, values, att, A, scores);
+            for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
+                int r = (int)(rg / nkv), g = (int)(rg % nkv);
+                prepare(m, L, l, r, g, qkv, QKV, part_a, nt, rows, pos[r], crow ? crow[r] : r, col ? col[r] : t, cap,
+                        keys, values);
+                if (!shared) look(m, l, r, g, qkv, QKV, crow ? crow[r] : r, col ? col[r] : t, bias, cap, keys, values,
+                                  att, A, scores);
+            }
+            if (shared) {
+                meet(&b, nt);
+                for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
+                    int r = (int)(rg / nkv), g = (int)(rg % nkv);
+                    look(m, l, r, g, qkv, QKV, crow ? crow[r] : r, col ? col[r] : t, bias, cap, keys, values, att, A,
+                         scores);
+                }
+            }
             meet(&b, nt);
             partial_sums(int8, &L->o, 0, H, att, A, rows, A, part_b, tid, nt);
             meet(&b, nt);
@@ -533,12 +566,44 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
             meet(&b, nt);
             combine_columns(&L->down, H, part_b, nt, rows, 0, rows, 0, H, x, H, 1);
         }
-        for (int r = 0; r < rows; r++) rms_norm(x + r * H, m->final_norm, h + r * H, H, m->eps);
-        partial_sums(int8, &m->head, 0, m->vocab, h, H, rows, H, part_a, tid, nt);
+        for (int o = 0; o < outs; o++) rms_norm(x + (out ? out[o] : o) * H, m->final_norm, h + o * H, H, m->eps);
+        partial_sums(int8, &m->head, 0, m->vocab, h, H, outs, H, part_a, tid, nt);
         meet(&b, nt);
-        combine(&m->head, m->vocab, part_a, rows, logits, m->vocab, 0, tid, nt);
+        combine(&m->head, m->vocab, part_a, outs, logits, m->vocab, 0, tid, nt);
         free(scores);
     }
+}
+
+/* Logits (rows, vocab) after feeding ids at positions; keys/values[l]: (rows, kv_heads, cap, head_dim) float32,
+   written at column t; bias: (rows, cap) additive mask; work: lc_work_floats(m, rows, nthreads) floats.
+   Returns 0; -1 when a position is past the rope table, -2 for a token id outside the embedding (nothing is
+   written then). */
+int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
+            int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads) {
+    for (int r = 0; r < rows; r++) {
+        if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
+        if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
+    }
+    forward(m, rows, ids, pos, NULL, NULL, t, 0, bias, cap, keys, values, rows, NULL, logits, work, nthreads);
+    return 0;
+}
+
+/* A prefill: `tokens` prompt tokens at once, token i (id ids[i], position pos[i]) writing its key and value at column
+   col[i] of cache row crow[i] and attending that row's columns 0..col[i] (a prompt's tokens at increasing columns
+   of its own row: causal by construction; the mask hides the row's padding). Logits (outs, vocab) of the tokens
+   listed in `out`. work: lc_prefill_floats(m, tokens, outs, nthreads) floats. Returns 0, -1 / -2 as lc_step, -4 for
+   a cache row or column outside the cache; nothing is written then. */
+int lc_prefill(const Model *m, int tokens, const int64_t *ids, const int64_t *pos, const int64_t *crow,
+               const int64_t *col, int64_t cache_rows, const float *bias, int64_t cap, float *const *keys,
+               float *const *values, int outs, const int64_t *out, float *logits, float *work, int nthreads) {
+    for (int i = 0; i < tokens; i++) {
+        if (pos[i] < 0 || pos[i] >= m->max_pos) return -1;
+        if (ids[i] < 0 || ids[i] >= m->embed_rows) return -2;
+        if (crow[i] < 0 || crow[i] >= cache_rows || col[i] < 0 || col[i] >= cap) return -4;
+    }
+    for (int o = 0; o < outs; o++)
+        if (out[o] < 0 || out[o] >= tokens) return -4;
+    forward(m, tokens, ids, pos, crow, col, 0, 1, bias, cap, keys, values, outs, out, logits, work, nthreads);
     return 0;
 }
 
