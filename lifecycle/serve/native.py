@@ -280,12 +280,12 @@ class NativeStep:
     def prefill(self, prompts: list[list[int]], batch) -> torch.Tensor:
         """Run `prompts` at once into `batch`'s empty storage (row i: prompt i, left-padded to batch.t columns, its
         padding already masked in batch.bias): the logits (prompts, vocab) of each prompt's last token."""
-        width = batch.t
+        lengths = torch.tensor([len(p) for p in prompts])
         ids = torch.tensor([token for p in prompts for token in p], dtype=torch.int64)
         positions = torch.cat([torch.arange(len(p)) for p in prompts])
-        rows = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]))
-        columns = positions + width - torch.tensor([len(p) for p in prompts])[rows]
-        out = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
+        rows = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
+        columns = positions + batch.t - lengths[rows]  # left-padded to batch.t columns
+        out = lengths.cumsum(0) - 1  # each prompt's last token
         logits = torch.empty(len(prompts), self.vocab)
         layers = batch.layers
         keys, values = self._caches(layers)

@@ -473,7 +473,8 @@ static int64_t widest(const Model *m) {
 static int64_t scratch_floats(const Model *m, int64_t rows, int64_t outs, int nthreads) {
     int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim, part = rows * widest(m);
     if (outs * m->vocab > part) part = outs * m->vocab;
-    return rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) + (int64_t)nthreads * (2 * part + 2 * rows * m->hidden);
+    return rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) +
+           (int64_t)nthreads * (2 * part + 2 * rows * m->hidden);
 }
 
 /* Floats of scratch lc_step needs for `rows` rows and `nthreads` threads. */
@@ -486,17 +487,17 @@ int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
 
 /* The model over `rows` tokens: token r has id ids[r] and position pos[r], writes its key/value at column col[r] of
    cache row crow[r] and attends columns 0..col[r] of that row under its additive mask (bias: (cache rows, cap)).
-   crow NULL: token r uses cache row r; col NULL: every token writes column t. Logits (outs, vocab) for the tokens
-   listed in out (NULL: all rows, outs == rows). With `shared` (tokens of one prompt in one cache row: a prefill)
-   every key and value of a layer is written before any token attends; otherwise each (row, kv group) writes and
-   attends at once.
+   crow and col NULL (a decode step): token r uses cache row r and column t, so each (row, kv group) writes and
+   attends at once; given (a prefill: one prompt's tokens share a cache row), every key and value of a layer is
+   written before any token attends. Logits (outs, vocab) for the tokens listed in out (NULL: all rows, outs ==
+   rows).
 
    Every thread keeps its own copy of the residual stream (x) and of the normed rows, updated from the partial sums
    of o and down by each thread alike, and q/k/v are combined by the attention work that owns them: 6 barriers a
    layer (7 shared). Partial sums alternate between two buffers, so a thread still reading one never races the next
    product. */
 static void forward(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const int64_t *crow,
-                    const int64_t *col, int64_t t, int shared, const float *bias, int64_t cap, float *const *keys,
+                    const int64_t *col, int64_t t, const float *bias, int64_t cap, float *const *keys,
                     float *const *values, int outs, const int64_t *out, float *logits, float *work, int nthreads) {
     int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
     int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd, P = rows * widest(m);
@@ -504,7 +505,8 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
     float *qkv = work, *att = qkv + rows * QKV, *mid = att + rows * A, *part_a = mid + rows * I,
           *part_b = part_a + (int64_t)nthreads * P, *own = part_b + (int64_t)nthreads * P;
     int64_t span = t + 1;
-    if (col)
+    int shared = crow != NULL; /* crow and col are both given or both NULL */
+    if (shared)
         for (int r = 0; r < rows; r++) span = col[r] + 1 > span ? col[r] + 1 : span;
     int int8 = m->int8;
     Barrier b = {0, 0};
@@ -522,17 +524,15 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
             meet(&b, nt);
             for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                 int r = (int)(rg / nkv), g = (int)(rg % nkv);
-                prepare(m, L, l, r, g, qkv, QKV, part_a, nt, rows, pos[r], crow ? crow[r] : r, col ? col[r] : t, cap,
-                        keys, values);
-                if (!shared) look(m, l, r, g, qkv, QKV, crow ? crow[r] : r, col ? col[r] : t, bias, cap, keys, values,
-                                  att, A, scores);
+                prepare(m, L, l, r, g, qkv, QKV, part_a, nt, rows, pos[r], shared ? crow[r] : r, shared ? col[r] : t,
+                        cap, keys, values);
+                if (!shared) look(m, l, r, g, qkv, QKV, r, t, bias, cap, keys, values, att, A, scores);
             }
             if (shared) {
                 meet(&b, nt);
                 for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                     int r = (int)(rg / nkv), g = (int)(rg % nkv);
-                    look(m, l, r, g, qkv, QKV, crow ? crow[r] : r, col ? col[r] : t, bias, cap, keys, values, att, A,
-                         scores);
+                    look(m, l, r, g, qkv, QKV, crow[r], col[r], bias, cap, keys, values, att, A, scores);
                 }
             }
             meet(&b, nt);
@@ -584,7 +584,7 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
         if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
         if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
     }
-    forward(m, rows, ids, pos, NULL, NULL, t, 0, bias, cap, keys, values, rows, NULL, logits, work, nthreads);
+    forward(m, rows, ids, pos, NULL, NULL, t, bias, cap, keys, values, rows, NULL, logits, work, nthreads);
     return 0;
 }
 
@@ -603,7 +603,7 @@ int lc_prefill(const Model *m, int tokens, const int64_t *ids, const int64_t *po
     }
     for (int o = 0; o < outs; o++)
         if (out[o] < 0 || out[o] >= tokens) return -4;
-    forward(m, tokens, ids, pos, crow, col, 0, 1, bias, cap, keys, values, outs, out, logits, work, nthreads);
+    forward(m, tokens, ids, pos, crow, col, 0, bias, cap, keys, values, outs, out, logits, work, nthreads);
     return 0;
 }
 

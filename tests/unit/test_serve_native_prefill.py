@@ -9,6 +9,7 @@ import pytest
 import torch
 from serve_models import tokenizer  # noqa: F401
 from test_serve_fastpath import FAMILIES, random_model
+from test_serve_native import threads  # noqa: F401
 
 from lifecycle.serve import native
 from lifecycle.serve.batch import Batch
@@ -16,14 +17,6 @@ from lifecycle.serve.served import ServedModel
 
 FLOAT_FAMILIES = [f for f in FAMILIES if f != "llama_int8"]
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11], [8, 8, 19, 250, 61, 3, 3, 90, 14, 200, 6]]
-
-
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def _hf(model, prompt: list[int]):

@@ -10,29 +10,16 @@ import copy
 import pytest
 import torch
 from serve_models import PROMPTS, ask, collect, llama_dir, run, serving, tokenizer, tokens  # noqa: F401
-from test_serve_fastpath import random_model, sharp_llama_dir  # noqa: F401
+from test_serve_fastpath import random_model, sharp_llama_dir, small_grow  # noqa: F401
+from test_serve_native import _prefilled
 
 from lifecycle.errors import ConfigError
-from lifecycle.serve import batch as batch_module
 from lifecycle.serve.batch import Batch
 from lifecycle.serve.engine import LocalEngine
 from lifecycle.serve.protocol import GenerationRequest, Sampling
 from lifecycle.serve.sampler import greedy_tokens
 from lifecycle.serve.scheduler import Group, Job, Scheduler
 from lifecycle.serve.served import ServedModel
-
-
-@pytest.fixture
-def small_grow(monkeypatch):
-    monkeypatch.setattr(batch_module, "GROW", 4)  # k = 6 steps outgrow a fresh capacity: claim must grow it
-
-
-def _prefilled(model, rows: int, length: int) -> Batch:
-    torch.manual_seed(1)
-    prompts = torch.randint(1, model.config.vocab_size, (rows, length))
-    with torch.no_grad():
-        cache = model(prompts, use_cache=True).past_key_values
-    return Batch.from_prefill(cache, torch.ones(rows, length, dtype=torch.bool))
 
 
 def _one_at_a_time(served: ServedModel, batch: Batch, ids: list[int], n: int) -> list[list[int]]:
@@ -58,13 +45,15 @@ def _runs(served: ServedModel, batch: Batch, ids: list[int], runs: list[int]) ->
 
 @pytest.mark.parametrize("family", ["llama", "llama_gqa", "qwen3", "llama_int8"])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_runs_equal_single_steps_fed_their_argmax(family, rows, tokenizer, small_grow):
+def test_runs_equal_single_steps_fed_their_argmax(family, rows, tokenizer, small_grow):  # GROW 4: runs of 6 grow it
     served = ServedModel(random_model(family), tokenizer, "base", native=True)
     assert served.runs_ahead("base")
     batch = _prefilled(random_model(family), rows, 5)
     reference = copy.deepcopy(batch)
     ids = list(range(2, 2 + rows))
+    capacity = batch.valid.shape[1]
     got = _runs(served, batch, ids, [6, 1, 5, 6])
+    assert batch.valid.shape[1] > capacity
     want = _one_at_a_time(served, reference, ids, 18)
     assert got == want
     assert batch.t == reference.t and torch.equal(batch.positions, reference.positions)
