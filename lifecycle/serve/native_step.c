@@ -446,21 +446,36 @@ static void prepare(const Model *m, const Layer *L, int layer_i, int r, int g, f
     }
 }
 
-/* Attention of row r's query heads of kv group g (prepared) over columns 0..col of cache row crow, under that row's
-   additive mask */
+/* Attention of row r's query heads of kv group g (prepared) over columns from..col of cache row crow, under that
+   row's additive mask; the columns before `from` are masked padding, whose exp() is exactly 0 */
 static void look(const Model *m, int layer_i, int r, int g, const float *qkv, int64_t ld_qkv, int64_t crow,
-                 int64_t col, const float *bias, int64_t cap, float *const *keys, float *const *values, float *out,
-                 int64_t ld_out, float *scores) {
+                 int64_t from, int64_t col, const float *bias, int64_t cap, float *const *keys,
+                 float *const *values, float *out, int64_t ld_out, float *scores) {
     int nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, group = nq / nkv;
-    const float *K = keys[layer_i] + (crow * nkv + g) * cap * hd, *V = values[layer_i] + (crow * nkv + g) * cap * hd;
-    const float *mask = bias + crow * cap;
+    if (from > col) from = col;
+    const float *K = keys[layer_i] + ((crow * nkv + g) * cap + from) * hd;
+    const float *V = values[layer_i] + ((crow * nkv + g) * cap + from) * hd;
+    const float *mask = bias + crow * cap + from;
     for (int h = g * group; h < (g + 1) * group; h++) {
         const float *q = qkv + r * ld_qkv + (int64_t)h * hd;
         float *o = out + (int64_t)r * ld_out + (int64_t)h * hd;
-        if (hd == 64) head_attention(64, q, K, V, mask, col, m->scale, scores, o);
-        else if (hd == 128) head_attention(128, q, K, V, mask, col, m->scale, scores, o);
-        else head_attention_any(hd, q, K, V, mask, col, m->scale, scores, o);
+        if (hd == 64) head_attention(64, q, K, V, mask, col - from, m->scale, scores, o);
+        else if (hd == 128) head_attention(128, q, K, V, mask, col - from, m->scale, scores, o);
+        else head_attention_any(hd, q, K, V, mask, col - from, m->scale, scores, o);
     }
+}
+
+/* Masked columns at the start of each cache row (left padding: a prompt shorter than its batch's longest, or a row
+   that joined later), which attention skips: mask values at or below PADDING contribute exactly 0 */
+#define PADDING -1e30f
+static int64_t *leading_padding(const float *bias, int64_t cache_rows, int64_t cap) {
+    int64_t *first = malloc(sizeof(int64_t) * (cache_rows > 0 ? cache_rows : 1));
+    for (int64_t c = 0; c < cache_rows; c++) {
+        int64_t j = 0;
+        while (j < cap && bias[c * cap + j] <= PADDING) j++;
+        first[c] = j;
+    }
+    return first;
 }
 
 static int64_t widest(const Model *m) {
@@ -486,7 +501,7 @@ int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
 }
 
 /* The model over `rows` tokens: token r has id ids[r] and position pos[r], writes its key/value at column col[r] of
-   cache row crow[r] and attends columns 0..col[r] of that row under its additive mask (bias: (cache rows, cap)).
+   cache row crow[r] and attends columns 0..col[r] of that row under its additive mask (bias: (cache_rows, cap)).
    crow and col NULL (a decode step): token r uses cache row r and column t, so each (row, kv group) writes and
    attends at once; given (a prefill: one prompt's tokens share a cache row), every key and value of a layer is
    written before any token attends. Logits (outs, vocab) for the tokens listed in out (NULL: all rows, outs ==
@@ -497,8 +512,9 @@ int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
    layer (7 shared). Partial sums alternate between two buffers, so a thread still reading one never races the next
    product. */
 static void forward(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const int64_t *crow,
-                    const int64_t *col, int64_t t, const float *bias, int64_t cap, float *const *keys,
-                    float *const *values, int outs, const int64_t *out, float *logits, float *work, int nthreads) {
+                    const int64_t *col, int64_t t, int64_t cache_rows, const float *bias, int64_t cap,
+                    float *const *keys, float *const *values, int outs, const int64_t *out, float *logits, float *work,
+                    int nthreads) {
     int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
     int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd, P = rows * widest(m);
     if (outs * (int64_t)m->vocab > P) P = outs * (int64_t)m->vocab;
@@ -508,6 +524,7 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
     int shared = crow != NULL; /* crow and col are both given or both NULL */
     if (shared)
         for (int r = 0; r < rows; r++) span = col[r] + 1 > span ? col[r] + 1 : span;
+    int64_t *first = leading_padding(bias, cache_rows, cap);
     int int8 = m->int8;
     Barrier b = {0, 0};
 #pragma omp parallel num_threads(nthreads)
@@ -526,13 +543,14 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
                 int r = (int)(rg / nkv), g = (int)(rg % nkv);
                 prepare(m, L, l, r, g, qkv, QKV, part_a, nt, rows, pos[r], shared ? crow[r] : r, shared ? col[r] : t,
                         cap, keys, values);
-                if (!shared) look(m, l, r, g, qkv, QKV, r, t, bias, cap, keys, values, att, A, scores);
+                if (!shared) look(m, l, r, g, qkv, QKV, r, first[r], t, bias, cap, keys, values, att, A, scores);
             }
             if (shared) {
                 meet(&b, nt);
                 for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                     int r = (int)(rg / nkv), g = (int)(rg % nkv);
-                    look(m, l, r, g, qkv, QKV, crow[r], col[r], bias, cap, keys, values, att, A, scores);
+                    look(m, l, r, g, qkv, QKV, crow[r], first[crow[r]], col[r], bias, cap, keys, values, att, A,
+                         scores);
                 }
             }
             meet(&b, nt);
@@ -572,6 +590,7 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
         combine(&m->head, m->vocab, part_a, outs, logits, m->vocab, 0, tid, nt);
         free(scores);
     }
+    free(first);
 }
 
 /* Logits (rows, vocab) after feeding ids at positions; keys/values[l]: (rows, kv_heads, cap, head_dim) float32,
@@ -584,7 +603,7 @@ int lc_step(const Model *m, int rows, const int64_t *ids, const int64_t *pos, co
         if (pos[r] < 0 || pos[r] >= m->max_pos) return -1;
         if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
     }
-    forward(m, rows, ids, pos, NULL, NULL, t, bias, cap, keys, values, rows, NULL, logits, work, nthreads);
+    forward(m, rows, ids, pos, NULL, NULL, t, rows, bias, cap, keys, values, rows, NULL, logits, work, nthreads);
     return 0;
 }
 
@@ -603,7 +622,8 @@ int lc_prefill(const Model *m, int tokens, const int64_t *ids, const int64_t *po
     }
     for (int o = 0; o < outs; o++)
         if (out[o] < 0 || out[o] >= tokens) return -4;
-    forward(m, tokens, ids, pos, crow, col, 0, bias, cap, keys, values, outs, out, logits, work, nthreads);
+    forward(m, tokens, ids, pos, crow, col, 0, cache_rows, bias, cap, keys, values, outs, out, logits, work,
+            nthreads);
     return 0;
 }
 
