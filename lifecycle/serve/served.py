@@ -12,11 +12,19 @@ from lifecycle.serve.batch import Batch
 from lifecycle.serve.protocol import EngineError, ModelNotFound
 from lifecycle.serve.sampler import TokenTexts
 
-# Prompts of up to this many layer FLOPs in all are prefilled by the C step (lc_prefill), larger ones by the HF forward
-# (packed or padded). Its kernels run ~140-150 GFLOP/s on 2 cores at any size, torch's GEMMs less on few tokens and
-# more on many; the crossover measured here was ~90 tokens on a 120M Llama (1 prompt of 44 tokens: 66 ms against 86;
-# 8 prompts, 369 tokens: 450 against 343) and ~1,100 on the 11M one (44 tokens: 5 against 9.6 ms), both near 16 GFLOP.
-NATIVE_PREFILL_FLOPS = 16e9
+# Prompts go through the C step's prefill (lc_prefill) when the longest has at most NATIVE_PREFILL_LONGEST tokens and
+# all together at most NATIVE_PREFILL_TOKENS (its scratch grows with them: ~140 MB at 1,024 tokens on a 120M Llama);
+# otherwise through the HF forward (packed or padded). In float32 its products beat torch's GEMMs at every size
+# measured here (120M: 8 prompts of 8-64 tokens, 369 in all, 398 ms against 464; 16 prompts, ~700 tokens, 800 against
+# 892; 11M, 8 prompts, 40 against 53), but its attention, one query at a time, loses on long prompts: one prompt of
+# 128 tokens 167 against 200 ms (120M), 17 against 23 (11M); 256 tokens 321 against 330 and 46 against 37; 512, 666
+# against 584. int8 weights: torch.ao's int8 GEMMs (VNNI) outrun its float32 arithmetic on int8 weights beyond ~2
+# GFLOP of layer work (11M: one 44-token prompt, 0.7 GFLOP, 5.1 against 8.6 ms; 8 prompts, 5.9 GFLOP, 38.9 against
+# 34.3; 120M: one prompt, 7.5 GFLOP, 58 against 44; 8 prompts 363 against 196), so int8 prompts past
+# NATIVE_PREFILL_INT8_FLOPS keep torch.ao's forward (whose activation quantization differs from the decode steps').
+NATIVE_PREFILL_LONGEST = 192
+NATIVE_PREFILL_TOKENS = 1024
+NATIVE_PREFILL_INT8_FLOPS = 2e9
 
 # Adapter types that wrap layers and switch per forward with set_adapter / disable_adapter_layers.
 SERVABLE = ("LORA", "IA3", "BOTTLENECK")
@@ -43,9 +51,11 @@ class ServedModel:
         # the base's decode steps; adapters use the HF forward
         self.fast = fastpath.build(model, compile, native) if fast_decode else None
         self.packing = Packing.of(model)  # None: prompts are always left-padded
+        # the prompts the C step prefills where it serves: longest, all tokens, all layer FLOPs (NATIVE_PREFILL_*)
+        int8 = self.fast is not None and self.fast.int8
+        self.native_prefill = (NATIVE_PREFILL_LONGEST, NATIVE_PREFILL_TOKENS,
+                               NATIVE_PREFILL_INT8_FLOPS if int8 else float("inf"))
         self.layer_flops = layer_flops(model) if self.fast is not None else 0.0
-        # prompts of up to this many FLOPs in all go through the C step's prefill (lc_prefill) where it serves
-        self.native_prefill_flops = NATIVE_PREFILL_FLOPS
         if not fast_decode:
             log.info("decode: the HF forward (fast_decode is off)")
 
@@ -58,8 +68,10 @@ class ServedModel:
         (1, V) for the last token only), and a batch holding their keys and values, one row each."""
         self.select(name)
         fast = self._fast() if name == self.base_name else None
-        if (fast is not None and fast.native is not None and not all_logits
-                and sum(map(len, prompts)) * self.layer_flops <= self.native_prefill_flops):
+        longest, tokens, flops = self.native_prefill
+        total = sum(map(len, prompts))
+        if (fast is not None and fast.native is not None and not all_logits and max(map(len, prompts)) <= longest
+                and total <= tokens and total * self.layer_flops <= flops):
             batch = Batch.empty([len(p) for p in prompts], len(fast.layers), fast.kv_heads, fast.head_dim, self.dtype)
             return [row[None] for row in fast.native.prefill(prompts, batch)], batch
         if self.packing is not None and self.packing.pays([len(p) for p in prompts]):
