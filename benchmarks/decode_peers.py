@@ -19,7 +19,7 @@ as skipped: the Python binding has no batched generation.
 B3 (--int8): the same decode runs on int8 weights at equal quality: ours (`lifecycle optimize optimize=int8`'s
 per-channel torch.ao int8, served by our engine), a user's one-line torch.ao `quantize_dynamic(model, {nn.Linear})`
 under HF generate(), and llama.cpp q8_0; plus the perplexity of each (and fp32's) on held-out stdlib source. Our
-engine decodes int8 weight-only in C (x @ (q * scale)), and prefills that way too up to 16 GFLOP of prompt (torch.ao's
+engine decodes int8 weight-only in C (x @ (q * scale)), and prefills that way too up to 2 GFLOP of prompt (torch.ao's
 forward beyond): ours_int8_weight_only is the perplexity of that arithmetic (a float32 model holding q * scale),
 ours_int8 the torch.ao forward's.
 Goals (issue 10): B2 >= 3x HF eager, >= 1x llama.cpp f32 on the 124M model; B3 perplexity change <= 1%, >= 1.2x
