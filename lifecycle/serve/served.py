@@ -64,17 +64,18 @@ class ServedModel:
         return self.lm.config.vocab_size  # not the head's weight: an int8 variant's head has none
 
     def prefill(self, name: str, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
-        """Run prompts together (packed where that is cheaper, else left-padded): per prompt its logits ((L, V), or
-        (1, V) for the last token only), and a batch holding their keys and values, one row each."""
+        """Run prompts together (by the C step within NATIVE_PREFILL_*, else packed where that is cheaper, else
+        left-padded): per prompt its logits ((L, V), or (1, V) for the last token only), and a batch holding their keys
+        and values, one row each."""
         self.select(name)
         fast = self._fast() if name == self.base_name else None
+        lengths = [len(p) for p in prompts]
         longest, tokens, flops = self.native_prefill
-        total = sum(map(len, prompts))
-        if (fast is not None and fast.native is not None and not all_logits and max(map(len, prompts)) <= longest
-                and total <= tokens and total * self.layer_flops <= flops):
-            batch = Batch.empty([len(p) for p in prompts], len(fast.layers), fast.kv_heads, fast.head_dim, self.dtype)
+        if (fast is not None and fast.native is not None and not all_logits and max(lengths) <= longest
+                and sum(lengths) <= tokens and sum(lengths) * self.layer_flops <= flops):
+            batch = Batch.empty(lengths, len(fast.layers), fast.kv_heads, fast.head_dim, self.dtype)
             return [row[None] for row in fast.native.prefill(prompts, batch)], batch
-        if self.packing is not None and self.packing.pays([len(p) for p in prompts]):
+        if self.packing is not None and self.packing.pays(lengths):
             return self._prefill_packed(prompts, all_logits)
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)

@@ -10,7 +10,6 @@ import torch
 from serve_models import tokenizer  # noqa: F401
 from test_serve_fastpath import DIMS, FAMILIES, random_model
 from test_serve_native import threads  # noqa: F401
-
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lifecycle.serve import native
