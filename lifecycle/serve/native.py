@@ -346,10 +346,10 @@ class NativeStep:
         ids = ids.to(torch.int64).contiguous()  # the C side reads int64 (no copy when they already are)
         positions = positions.to(torch.int64).contiguous()
         bias = self._bias(batch)
-        last = int(positions.max()) + (extra[0] if extra else 1) - 1  # the last position this call reaches
         while True:
             done = entry(ctypes.byref(self.model), rows, ids.data_ptr(), positions.data_ptr(), bias.data_ptr(), cap,
                          batch.t, keys, values, logits.data_ptr(), work.data_ptr(), threads, *extra)
             if done == 0:
                 return
-            self._failed(done, ids, last)
+            steps = extra[0] if extra else 1  # lc_greedy's extra: (k, tokens)
+            self._failed(done, ids, int(positions.max()) + steps - 1)

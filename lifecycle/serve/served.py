@@ -77,7 +77,7 @@ class ServedModel:
             return [row[None] for row in fast.native.prefill(prompts, batch)], batch
         if self.packing is not None and self.packing.pays(lengths):
             return self._prefill_packed(prompts, all_logits)
-        width = max(map(len, prompts))
+        width = max(lengths)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)
         valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (n, width): each prompt counts from 0
@@ -134,7 +134,7 @@ class ServedModel:
         self.select(name)
         batch.claim(k, self.dtype)
         ids = torch.tensor(tokens)
-        out = self._fast().native.greedy(ids, batch.positions, batch, k)
+        out = self.fast.native.greedy(ids, batch.positions, batch, k)  # runs_ahead has just checked self.fast
         batch.advance(k)
         return out.tolist()
 
