@@ -73,30 +73,28 @@ class Batch(Cache):
         ((1, kv_heads, sum(lengths), head_dim) per layer), each copied once into its own row, left-padded (the
         padding columns are the storage's zeros)."""
         first = cache.layers[0].keys
-        rows, width = len(lengths), max(lengths)
-        valid = torch.zeros(rows, width + GROW, dtype=torch.bool, device=first.device)
-        keys = [first.new_zeros(rows, first.shape[1], width + GROW, first.shape[3]) for _ in cache.layers]
-        values = [first.new_zeros(rows, first.shape[1], width + GROW, first.shape[3]) for _ in cache.layers]
-        start = 0
+        batch = cls.empty(lengths, len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device)
+        width, start = batch.t, 0
         for row, n in enumerate(lengths):
-            valid[row, width - n:width] = True
-            for layer, k, v in zip(cache.layers, keys, values):
-                k[row, :, width - n:width] = layer.keys[0, :, start:start + n]
-                v[row, :, width - n:width] = layer.values[0, :, start:start + n]
+            for layer, mine in zip(cache.layers, batch.layers):
+                mine.keys[row, :, width - n:width] = layer.keys[0, :, start:start + n]
+                mine.values[row, :, width - n:width] = layer.values[0, :, start:start + n]
             start += n
-        return cls(keys, values, valid, torch.tensor(lengths, device=first.device), width)
+        return batch
 
     @classmethod
-    def empty(cls, lengths: list[int], layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> Batch:
+    def empty(cls, lengths: list[int], layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> Batch:
         """Zeroed storage for prompts of `lengths`, one row each, left-padded to the longest (their padding masked),
-        for a prefill that writes keys and values in place (NativeStep.prefill)."""
+        for a prefill that writes keys and values in place (NativeStep.prefill) or copies them in (from_packed)."""
         rows, width = len(lengths), max(lengths)
-        valid = torch.zeros(rows, width + GROW, dtype=torch.bool)
+        valid = torch.zeros(rows, width + GROW, dtype=torch.bool, device=device)
         for row, n in enumerate(lengths):
             valid[row, width - n:width] = True
-        keys = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype) for _ in range(layers)]
-        values = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype) for _ in range(layers)]
-        batch = cls(keys, values, valid, torch.tensor(lengths), width)
+        keys = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        values = [torch.zeros(rows, kv_heads, width + GROW, head_dim, dtype=dtype, device=device)
+                  for _ in range(layers)]
+        batch = cls(keys, values, valid, torch.tensor(lengths, device=device), width)
         batch.claim(0, dtype)  # the additive mask
         return batch
 
