@@ -382,18 +382,60 @@ static inline float lanes_sum(v16 v) {
     return s;
 }
 
+/* The sums of the lanes of a[0..15], a[j]'s in lane j: a tree of 15 two-vector shuffles and adds instead of 16
+   lane_sums (each a chain of 15 scalar adds), in another order of addition. 8 rows of a 120M Llama at positions
+   100-250: attention 5.9-6.0 -> 5.5-5.7 ms a step. GCC before 12 has no __builtin_shufflevector: lane sums there. */
+static inline v16 lanes_sums16(const v16 *a) {
+#if defined(__clang__) || !defined(__GNUC__) || __GNUC__ >= 12
+    v16 b[8], c[4], d[2];
+    for (int k = 0; k < 8; k++) /* 8 pairs: lanes 0-7 a partial sum of a[2k]'s lanes, 8-15 of a[2k + 1]'s */
+        b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
+                                       23) +
+               __builtin_shufflevector(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int k = 0; k < 4; k++) /* 4 lanes for each of a[4k..4k + 3] */
+        c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                       27) +
+               __builtin_shufflevector(b[2 * k], b[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29,
+                                       30, 31);
+    for (int k = 0; k < 2; k++) /* 2 lanes each: a[8k], a[8k + 4], a[8k + 1], a[8k + 5], ... */
+        d[k] = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28,
+                                       29) +
+               __builtin_shufflevector(c[2 * k], c[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15,
+                                       30, 31);
+    v16 e = __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+            __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    /* e holds a[0], a[8], a[4], a[12], a[1], a[9], ... */
+    return __builtin_shufflevector(e, e, 0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15);
+#else
+    v16 sums;
+    for (int j = 0; j < 16; j++) sums[j] = lanes_sum(a[j]);
+    return sums;
+#endif
+}
+
 /* One query head over keys/values (t + 1, HD): HD a constant after inlining (64, 128), so q and the output stay in
-   registers while the cache streams past */
+   registers while the cache streams past; scores 16 keys at a time */
 static inline __attribute__((always_inline)) void head_attention(int HD, const float *q, const float *K,
                                                                 const float *V, const float *mask, int64_t t,
                                                                 float scale, float *scores, float *o) {
     v16 qv[HD / 16], acc[HD / 16];
     for (int k = 0; k < HD / 16; k++) qv[k] = load16(q + 16 * k), acc[k] = (v16){0};
-    for (int64_t j = 0; j <= t; j++) {
+    int64_t j = 0;
+    for (; j + 16 <= t + 1; j += 16) {
+        v16 s[16];
+        for (int u = 0; u < 16; u++) {
+            const float *kj = K + (j + u) * HD;
+            /* the rows of one head's cache are read once, 8 keys (2-4 KB) ahead: 12% less time in attention over a
+               120M Llama's cache at 100-250 positions, 8 rows (16 or 32 keys ahead: no better) */
+            for (int c = 0; c < HD / 16; c++) __builtin_prefetch(kj + 8 * HD + 16 * c);
+            s[u] = qv[0] * load16(kj);
+            for (int k = 1; k < HD / 16; k++) s[u] += qv[k] * load16(kj + 16 * k);
+        }
+        store16(scores + j, lanes_sums16(s) * scale + load16(mask + j));
+    }
+    for (; j <= t; j++) {
         const float *kj = K + j * HD;
-        /* the rows of one head's cache are read once, 8 keys (2-4 KB) ahead: 12% less time in attention over a
-           120M Llama's cache at 100-250 positions, 8 rows */
-        for (int c = 0; c < HD / 16; c++) __builtin_prefetch(kj + 8 * HD + 16 * c);
         v16 s = qv[0] * load16(kj);
         for (int k = 1; k < HD / 16; k++) s += qv[k] * load16(kj + 16 * k);
         scores[j] = lanes_sum(s) * scale + mask[j];
