@@ -73,7 +73,27 @@ def test_cli_help_and_cfg_are_fast_and_work(tmp_path):
     out = cli("lifecycle.cli", "--help", timeout=60)
     assert out.returncode == 0 and "pretrain" in out.stdout
     script = Path(sys.executable).parent / "lifecycle"  # the installed console script
-    out = subprocess.run([script, "pretrain", "--cfg", "job"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([script, "pretrain", "--cfg", "job", "--resolve"], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0 and "tiny_llama" not in out.stdout and "hidden_size: 320" in out.stdout
     out = subprocess.run([script, "nosuchstage"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "unknown stage" in out.stderr
+
+
+@pytest.mark.parametrize("model, keys", [
+    ("tiny_llama", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}),
+    ("tiny_gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 2}),
+])
+def test_smoke_shrinks_either_model(model, keys, tmp_path):
+    """experiment=smoke sets the size once (model_size) and each model config reads it under its own names: it used
+    to set Llama's keys on the model node, which a GPT-2 model config then failed on."""
+    cfg = make_cfg("pretrain", tmp_path / "pretrain" / "run", ["experiment=smoke", f"model={model}"])
+    validate(cfg, "pretrain")
+    assert {k: cfg.model[k] for k in keys} == keys
+    default = make_cfg("pretrain", tmp_path / "pretrain" / "full", [f"model={model}"])
+    assert all(default.model[k] > v for k, v in keys.items())
+
+
+def test_smoke_keeps_an_explicit_model_override(tmp_path):
+    cfg = make_cfg("pretrain", tmp_path / "pretrain" / "run", ["experiment=smoke", "model.hidden_size=32"])
+    assert (cfg.model.hidden_size, cfg.model.num_hidden_layers) == (32, 2)
