@@ -43,7 +43,7 @@ class LocalEngine:
         self.native = native  # ... or run in C (lifecycle.serve.native): auto where it builds and applies
         if not run_ahead_ms >= 0:
             raise ConfigError(f"deploy.engine.run_ahead_ms must be >= 0 (0: one step per call), got {run_ahead_ms!r}")
-        self.run_ahead = run_ahead_ms / 1000  # greedy steps taken several per C call, about this long (Scheduler)
+        self.run_ahead = run_ahead_ms / 1000  # steps taken several per C call, about this long (Scheduler)
         self.model_root = Path(model_root).resolve() if model_root else None
         self.context_length = context_length or _configured_context(self.model_dir)
         self.load_error: BaseException | None = None  # why the last start() failed, for the log and /ready
@@ -106,7 +106,7 @@ class LocalEngine:
 
     def _admit(self, request: GenerationRequest):
         from lifecycle.serve.detok import Detokenizer, StopMatcher
-        from lifecycle.serve.sampler import make_generator
+        from lifecycle.serve.sampler import job_seed
         from lifecycle.serve.scheduler import Job
 
         if not self._ready:
@@ -123,7 +123,7 @@ class LocalEngine:
         events = asyncio.Queue()
         job = Job(request, partial(self._outbox().post, events),
                   Detokenizer(self._detok_decode, request.prompt_ids), StopMatcher(request.sampling.stop),
-                  make_generator(request.sampling.seed))
+                  job_seed(request.sampling.seed))
         job.events = events
         s.submit(job)
         return job

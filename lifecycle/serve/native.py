@@ -140,8 +140,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lc_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int]
-    lib.lc_greedy.restype = ctypes.c_int
-    lib.lc_greedy.argtypes = [*lib.lc_step.argtypes, ctypes.c_int, ctypes.c_void_p]
+    lib.lc_decode_run.restype = ctypes.c_int
+    lib.lc_decode_run.argtypes = [*lib.lc_step.argtypes, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.lc_sample.restype = ctypes.c_int64
+    lib.lc_sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
+                              ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p]
+    lib.lc_sample_floats.restype = ctypes.c_int64
+    lib.lc_sample_floats.argtypes = [ctypes.c_int64]
+    lib.lc_uniform.restype = ctypes.c_double
+    lib.lc_uniform.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
     lib.lc_work_floats.restype = ctypes.c_int64
     lib.lc_work_floats.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int]
     lib.lc_prefill.restype = ctypes.c_int
@@ -202,7 +210,7 @@ class NativeStep:
         embed = decoder.embed.detach()
         self.keep.append(embed)
         self.vocab = model.lm_head.out_features
-        self.runs_ahead = self.vocab <= embed.shape[0]  # lc_greedy feeds each argmax back through the embedding
+        self.runs_ahead = self.vocab <= embed.shape[0]  # lc_decode_run feeds each token back through the embedding
         self.model = Model(n_layers=len(decoder.layers), hidden=config.hidden_size, heads=decoder.heads,
                            kv_heads=decoder.kv_heads, head_dim=decoder.head_dim, inter=config.intermediate_size,
                            vocab=self.vocab, int8=int(self.int8), eps=decoder.eps, scale=decoder.scale,
@@ -269,12 +277,23 @@ class NativeStep:
         self._run(self.lib.lc_step, ids, positions, batch, logits)
         return logits
 
-    def greedy(self, ids: torch.Tensor, positions: torch.Tensor, batch, k: int) -> torch.Tensor:
-        """k greedy steps in one call, each row fed its own previous argmax: the tokens (rows, k). Columns
-        batch.t .. batch.t + k - 1 must already be claimed (Batch.claim)."""
-        tokens = torch.empty(ids.shape[0], k, dtype=torch.int64)
-        self._run(self.lib.lc_greedy, ids, positions, batch, torch.empty(ids.shape[0], self.vocab), k,
-                  tokens.data_ptr())
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, batch, k: int, draws=None) -> torch.Tensor:
+        """k steps in one call, each row fed its own previous token: the tokens (rows, k), -1 where a row's draw
+        found nothing to draw (lc_decode_run). draws: None (every row greedy) or per row (temperature, top_k, top_p,
+        seed, counter of its first token), temperature 0 for a greedy row. Columns batch.t .. batch.t + k - 1 must
+        already be claimed (Batch.claim)."""
+        rows = ids.shape[0]
+        tokens = torch.empty(rows, k, dtype=torch.int64)
+        settings, pointers = (), [None] * 5  # NULL settings: every row greedy
+        if draws is not None:
+            temperature, top_k, top_p, seed, counter = zip(*draws)
+            settings = (torch.tensor(temperature, dtype=torch.float32), torch.tensor(top_k, dtype=torch.int64),
+                        torch.tensor(top_p, dtype=torch.float32),
+                        torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seed]),  # uint64 bits as int64
+                        torch.tensor(counter, dtype=torch.int64))
+            pointers = [t.data_ptr() for t in settings]  # `settings` holds the tensors until the call returns
+        self._run(self.lib.lc_decode_run, ids, positions, batch, torch.empty(rows, self.vocab), k,
+                  tokens.data_ptr(), *pointers)
         return tokens
 
     def prefill(self, prompts: list[list[int]], batch) -> torch.Tensor:
@@ -351,5 +370,5 @@ class NativeStep:
                          batch.t, keys, values, logits.data_ptr(), work.data_ptr(), threads, *extra)
             if done == 0:
                 return
-            steps = extra[0] if extra else 1  # lc_greedy's extra: (k, tokens)
+            steps = extra[0] if extra else 1  # lc_decode_run's extra: (k, tokens, settings)
             self._failed(done, ids, int(positions.max()) + steps - 1)

@@ -695,29 +695,184 @@ static int64_t argmax(const float *x, int64_t n) {
     return 0; /* every x is -inf */
 }
 
-/* k greedy decode steps in one call: step s feeds each row the argmax of its step s - 1 (ids at step 0) at position
-   pos[r] + s, column t + s; tokens (rows, k) gets every row's k argmaxes. The caller marks columns t..t+k-1 valid in
-   bias. Everything is checked before anything is written: -1 when a position would pass the rope table, -2 for a
-   token id outside the embedding, -3 when the head has more columns than the embedding has rows (an argmax could
-   not be fed back). logits (rows, vocab) holds the last step's. */
-int lc_greedy(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
-              int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads, int k,
-              int64_t *tokens) {
+/* Sampling. Each draw is a pure function of (logits, settings, seed, counter): the counter is the token's index in
+   its generation, so a seeded request draws the same tokens whether its steps ran one per call or several
+   (lc_decode_run), and whatever shares its batch. */
+
+/* SplitMix64's output function */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* A uniform double in [0, 1) for draw `counter` of stream `seed` (53 random bits) */
+double lc_uniform(uint64_t seed, uint64_t counter) {
+    uint64_t z = mix64(mix64(seed) + (counter + 1) * 0x9E3779B97F4A7C15ull);
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+#define SAMPLE_BUCKETS 2048 /* the sign, 8 exponent and 3 mantissa bits of a probability in [0, 1] */
+
+/* Floats of scratch lc_sample needs for a vocabulary of V */
+int64_t lc_sample_floats(int64_t V) { return 3 * V + 1 + 4 * SAMPLE_BUCKETS; }
+
+/* The k-th largest of x[0..n) (1 <= k <= n), x reordered: quickselect with a middle pivot */
+static float kth_largest(float *x, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                float tmp = x[i];
+                x[i++] = x[j];
+                x[j--] = tmp;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
+}
+
+static int by_weight_desc(const void *a, const void *b) {
+    const float *x = a, *y = b; /* (weight, index) pairs: larger weight first, then lower index */
+    if (x[0] != y[0]) return x[0] < y[0] ? 1 : -1;
+    return x[1] > y[1] ? 1 : x[1] < y[1] ? -1 : 0;
+}
+
+/* The next token from one row of logits (V): softmax(logits / temperature) over the tokens that top_k (0: off; keep
+   those at or above the k-th largest logit) and top_p (1: off; keep a token when the probability of the likelier
+   tokens before it, in descending order, is at most top_p) keep, drawn with lc_uniform(seed, counter) by walking
+   the kept tokens in index order. work: lc_sample_floats(V) floats. Returns the token, or -5 when a logit is NaN or
+   +inf or every logit is -inf (nothing can be drawn). temperature must be > 0. */
+int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top_k, float top_p, uint64_t seed,
+                  uint64_t counter, float *work) {
+    float *p = work, *pairs = work + V; /* p: weights exp((logit - top) / T); pairs: (weight, index) of a bucket */
+    double *mass = (double *)(work + (3 * V + 1) / 2 * 2); /* 8-byte aligned (work is) */
+    int32_t *count = (int32_t *)(mass + SAMPLE_BUCKETS);
+    float top = -INFINITY;
+    int bad = 0;
+#pragma omp simd reduction(max : top) reduction(| : bad)
+    for (int64_t i = 0; i < V; i++) {
+        top = logits[i] > top ? logits[i] : top;
+        bad |= logits[i] != logits[i] || logits[i] == INFINITY;
+    }
+    if (bad || top == -INFINITY) return -5;
+    float floor_ = -INFINITY; /* logits below it are out (top_k) */
+    if (top_k > 0 && top_k < V) {
+        memcpy(p, logits, sizeof(float) * V);
+        floor_ = kth_largest(p, V, top_k);
+    }
+    float inv = 1.f / temperature;
+#pragma omp simd
+    for (int64_t i = 0; i < V; i++) p[i] = logits[i] >= floor_ ? exp_((logits[i] - top) * inv) : 0.f;
+    if (top_p < 1.f) {
+        double total = 0.;
+        for (int64_t i = 0; i < V; i++) total += p[i];
+        /* Bucket the weights (all in [0, 1]) by their leading bits, which order them; whole buckets from the top
+           are kept while the mass before them is at most top_p of the total, and only the bucket where that ends
+           is sorted. */
+        memset(mass, 0, sizeof(double) * SAMPLE_BUCKETS);
+        memset(count, 0, sizeof(int32_t) * SAMPLE_BUCKETS);
+        for (int64_t i = 0; i < V; i++) {
+            union { float f; uint32_t u; } w = {.f = p[i]};
+            uint32_t b = w.u >> 20;
+            mass[b] += p[i];
+            count[b]++;
+        }
+        double limit = (double)top_p * total, before = 0.;
+        int b = SAMPLE_BUCKETS - 1;
+        for (; b > 0; b--) {
+            if (before + mass[b] > limit) break;
+            before += mass[b];
+        }
+        /* bucket b: its weights in descending order, kept while the mass before each is at most the limit */
+        int64_t n = 0;
+        for (int64_t i = 0; i < V; i++) {
+            union { float f; uint32_t u; } w = {.f = p[i]};
+            if ((int)(w.u >> 20) == b) pairs[2 * n] = p[i], pairs[2 * n + 1] = (float)i, n++;
+        }
+        qsort(pairs, n, 2 * sizeof(float), by_weight_desc);
+        float cut = -1.f;
+        int64_t cut_index = -1; /* bucket b's last kept (weight, index) */
+        for (int64_t j = 0; j < n && before <= limit; j++) {
+            cut = pairs[2 * j], cut_index = (int64_t)pairs[2 * j + 1];
+            before += pairs[2 * j];
+        }
+        for (int64_t i = 0; i < V; i++) {
+            union { float f; uint32_t u; } w = {.f = p[i]};
+            int bucket = (int)(w.u >> 20);
+            if (!(bucket > b || (bucket == b && (p[i] > cut || (p[i] == cut && i <= cut_index))))) p[i] = 0.f;
+        }
+    }
+    /* The draw: the first kept token whose running sum of weights passes lc_uniform(seed, counter) times their
+       total, summed 16 at a time (the block sums in float, added up in double) so the pass over the vocabulary
+       vectorizes; the block where the sum passes the target is walked token by token. */
+    float *sums = pairs; /* free again: one sum per block of 16 */
+    int64_t blocks = (V + 15) / 16;
+    double total = 0.;
+    for (int64_t k = 0; k < blocks; k++) {
+        float sum = 0.f;
+        for (int64_t i = 16 * k; i < 16 * k + 16 && i < V; i++) sum += p[i];
+        sums[k] = sum;
+        total += sum;
+    }
+    double target = lc_uniform(seed, counter) * total, run = 0.;
+    int64_t last = -1;
+    for (int64_t k = 0; k < blocks; k++) {
+        if (run + sums[k] > target) {
+            for (int64_t i = 16 * k; i < 16 * k + 16 && i < V; i++) {
+                if (p[i] == 0.f) continue;
+                run += p[i];
+                last = i;
+                if (run > target) return i;
+            }
+            return last; /* rounding: the block's own sum passed the target, its tokens one by one not quite */
+        }
+        run += sums[k];
+        for (int64_t i = 16 * k; i < 16 * k + 16 && i < V; i++) last = p[i] != 0.f ? i : last;
+    }
+    return last; /* rounding left the target at the very end */
+}
+
+/* k decode steps in one call: step s feeds each row its token of step s - 1 (ids at step 0) at position pos[r] + s,
+   column t + s; tokens (rows, k) gets every row's k tokens. A row with temperature[r] == 0 (or temperature NULL:
+   every row) takes the argmax (numpy's rule), another draws with lc_sample(top_k[r], top_p[r], seed[r],
+   counter[r] + s); a draw that fails (-5) records -1 and feeds token 0 after it, for the caller to end that row.
+   The caller marks columns t..t+k-1 valid in bias. Everything is checked before anything is written: -1 when a
+   position would pass the rope table, -2 for a token id outside the embedding, -3 when the head has more columns
+   than the embedding has rows (a token could not be fed back). logits (rows, vocab) holds the last step's. */
+int lc_decode_run(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
+                  int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads,
+                  int k, int64_t *tokens, const float *temperature, const int64_t *top_k, const float *top_p,
+                  const uint64_t *seed, const int64_t *counter) {
     if (m->vocab > m->embed_rows) return -3;
     for (int r = 0; r < rows; r++) {
         if (pos[r] < 0 || pos[r] + k - 1 >= m->max_pos) return -1;
         if (ids[r] < 0 || ids[r] >= m->embed_rows) return -2;
     }
     int64_t *feed = malloc(sizeof(int64_t) * 2 * rows), *at = feed + rows;
+    float *draw = temperature ? malloc(sizeof(float) * lc_sample_floats(m->vocab)) : NULL;
     for (int r = 0; r < rows; r++) feed[r] = ids[r], at[r] = pos[r];
     for (int s = 0; s < k; s++) {
         lc_step(m, rows, feed, at, bias, cap, t + s, keys, values, logits, work, nthreads);
         for (int r = 0; r < rows; r++) {
-            feed[r] = argmax(logits + (int64_t)r * m->vocab, m->vocab);
-            tokens[(int64_t)r * k + s] = feed[r];
+            const float *row = logits + (int64_t)r * m->vocab;
+            int64_t token = temperature && temperature[r] > 0.f
+                                ? lc_sample(row, m->vocab, temperature[r], top_k[r], top_p[r], seed[r],
+                                            (uint64_t)(counter[r] + s), draw)
+                                : argmax(row, m->vocab);
+            tokens[(int64_t)r * k + s] = token < 0 ? -1 : token;
+            feed[r] = token < 0 ? 0 : token;
             at[r]++;
         }
     }
+    free(draw);
     free(feed);
     return 0;
 }

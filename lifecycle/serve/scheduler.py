@@ -24,12 +24,12 @@ import torch
 from lifecycle.serve.batch import Batch, merge
 from lifecycle.serve.detok import Detokenizer, StopMatcher
 from lifecycle.serve.protocol import Event, GenerationRequest, NotReady
-from lifecycle.serve.sampler import choose, greedy_tokens, make_generator, prompt_logprobs, token_logprob
+from lifecycle.serve.sampler import NOTHING_TO_DRAW, greedy_tokens, prompt_logprobs, token_logprob
 from lifecycle.serve.served import ServedModel
 
 log = logging.getLogger(__name__)
 
-RUN_AHEAD_MAX = 16  # greedy steps taken in one call at most (Scheduler._run_ahead)
+RUN_AHEAD_MAX = 16  # steps taken in one call at most (Scheduler._run_ahead)
 
 
 @dataclass(eq=False)
@@ -39,7 +39,7 @@ class Job:
     emit: Callable[[Event], None]     # thread-safe hand-off to the consumer (may wait for Scheduler.flush)
     detok: Detokenizer
     stops: StopMatcher
-    generator: torch.Generator
+    seed: int                         # its draw stream (sampler.job_seed); token n draws with counter n
     cancelled: bool = False           # set by the consumer's side when it goes away
     admitted: bool = False            # out of the queue, holding a slot
     done: bool = False
@@ -70,7 +70,7 @@ class Scheduler:
         """`served` may be None at first: the engine loads the model through `call` (on this thread), then sets it.
         `flush` (optional) delivers the events that jobs' `emit` queued; it runs on this thread after every phase
         of an iteration that may have emitted (and after a failed iteration and at stop). `run_ahead`: seconds
-        of greedy steps to take in one call where _run_ahead allows (0: always one step)."""
+        of steps to take in one call where _run_ahead allows (0: always one step)."""
         self.served, self.max_batch_size, self.run_ahead = served, max_batch_size, run_ahead
         self.flush = flush or _nothing
         self.pending: deque[Job] = deque()
@@ -216,7 +216,11 @@ class Scheduler:
         started = time.perf_counter()
         try:
             if k > 1:
-                tokens = self.served.decode_greedy(name, [j.last for j in jobs], group.batch, k)  # rows x k
+                draws = None
+                if any(j.request.sampling.temperature for j in jobs):
+                    draws = [(j.request.sampling.temperature, j.request.sampling.top_k, j.request.sampling.top_p,
+                              j.seed, j.completion) for j in jobs]
+                tokens = self.served.decode_run(name, [j.last for j in jobs], group.batch, k, draws)  # rows x k
             else:
                 logits = self.served.decode(name, [j.last for j in jobs], group.batch)  # (rows, V)
         except Exception as e:
@@ -242,8 +246,9 @@ class Scheduler:
 
     def _run_ahead(self, name: str, group: Group) -> int:
         """Decode steps to take in one call for group `name`: 1, or up to RUN_AHEAD_MAX lasting about
-        self.run_ahead seconds in all when every row is greedy without log-probs, nobody waits for a free slot or a
-        control call, and the model can (ServedModel.runs_ahead). On a small model a step in C takes ~0.5 ms and
+        self.run_ahead seconds in all when no row wants log-probs, nobody waits for a free slot or a control call,
+        and the model can (ServedModel.runs_ahead: the C step, and sampled rows drawn in C by the same rule as
+        single steps, so a seed's tokens do not depend on the load). On a small model a step in C takes ~0.5 ms and
         the Python around it (this loop, the events, the event loop's thread taking the GIL) ~0.3 ms more; taken
         k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop string,
         max_tokens) keeps the tokens up to its end; the steps after it are discarded. Cancellations, deadlines
@@ -253,8 +258,7 @@ class Scheduler:
             return 1
         k = min(RUN_AHEAD_MAX, int(self.run_ahead / max(group.step_seconds, 1e-6)),
                 max(j.request.sampling.max_tokens - j.completion for j in group.jobs))
-        if k < 2 or not all(j.request.sampling.temperature == 0 and j.request.sampling.logprobs is None
-                            for j in group.jobs):
+        if k < 2 or any(j.request.sampling.logprobs is not None for j in group.jobs):
             return 1
         return k if self.served.runs_ahead(name) else 1
 
@@ -264,7 +268,8 @@ class Scheduler:
         sampling = job.request.sampling
         wants = sampling.logprobs is not None
         own = logits[row] if wants or sampling.temperature != 0 else None  # (V,)
-        token = choose(own, greedy, sampling, job.generator)
+        token = greedy if sampling.temperature == 0 else self.served.sampler.draw(own, sampling, job.seed,
+                                                                                   job.completion)
         logprobs = []
         if wants:
             lp = torch.log_softmax(own.float(), dim=-1)
@@ -275,10 +280,12 @@ class Scheduler:
                        completion_tokens=job.completion))
 
     def _advance_run(self, job: Job, tokens: list[int]) -> None:
-        """A run of greedy tokens for `job` (_run_ahead), up to its end if it ends inside them: one event."""
+        """A run of tokens for `job` (_run_ahead), up to its end if it ends inside them: one event."""
         texts, taken, finish = [], [], None
         try:
             for token in tokens:
+                if token < 0:
+                    raise ValueError(NOTHING_TO_DRAW)
                 text, finish = self._accept(job, token)
                 texts.append(text)
                 taken.append(token)

@@ -10,7 +10,7 @@ from lifecycle.errors import CheckpointError
 from lifecycle.serve import fastpath
 from lifecycle.serve.batch import Batch
 from lifecycle.serve.protocol import EngineError, ModelNotFound
-from lifecycle.serve.sampler import TokenTexts
+from lifecycle.serve.sampler import Sampler, TokenTexts
 
 # Prompts go through the C step's prefill (lc_prefill) when the longest has at most NATIVE_PREFILL_LONGEST tokens and
 # all together at most NATIVE_PREFILL_TOKENS (its scratch grows with them: ~140 MB at 1,024 tokens on a 120M Llama);
@@ -48,6 +48,7 @@ class ServedModel:
         self.device = next(model.parameters()).device
         self.compile = compile  # torch.compile the fast step (fastpath.FastDecoder)
         self.native = native  # the fast step in C (lifecycle.serve.native): True, False or "auto"
+        self.sampler = Sampler(native)  # sampled tokens drawn in C where the native library builds
         # the base's decode steps; adapters use the HF forward
         self.fast = fastpath.build(model, compile, native) if fast_decode else None
         self.packing = Packing.of(model)  # None: prompts are always left-padded
@@ -123,18 +124,21 @@ class ServedModel:
         return logits
 
     def runs_ahead(self, name: str) -> bool:
-        """Whether `name`'s greedy rows can take several steps in one call (decode_greedy): the base model under the
-        C step, whose head's every token has an embedding row to be fed back."""
+        """Whether `name`'s rows can take several steps in one call (decode_run): the base model under the C step,
+        whose head's every token has an embedding row to be fed back, and (for sampled rows) draws in C."""
         fast = self._fast() if name == self.base_name else None
-        return fast is not None and fast.native is not None and fast.native.runs_ahead
+        return fast is not None and fast.native is not None and fast.native.runs_ahead and self.sampler.native
 
-    def decode_greedy(self, name: str, tokens: list[int], batch: Batch, k: int) -> list[list[int]]:
-        """k greedy steps for every row (runs_ahead(name) must hold): feeding `tokens`, then each row's own argmax;
-        each row's k tokens, the same as k calls of decode with the logits' argmax fed back."""
+    def decode_run(self, name: str, tokens: list[int], batch: Batch, k: int, draws=None) -> list[list[int]]:
+        """k steps for every row (runs_ahead(name) must hold), feeding `tokens`, then each row's own token: its
+        argmax, or where `draws` (per row: temperature, top_k, top_p, seed, counter of the first token; None: all
+        greedy) has a temperature, self.sampler's draw. Each row's k tokens, the same as k calls of decode with
+        each token chosen from the logits and fed back; -1 where nothing could be drawn (the row's tokens after it
+        are meaningless)."""
         self.select(name)
         batch.claim(k, self.dtype)
         ids = torch.tensor(tokens)
-        out = self.fast.native.greedy(ids, batch.positions, batch, k)  # runs_ahead has just checked self.fast
+        out = self.fast.native.run(ids, batch.positions, batch, k, draws)  # runs_ahead has just checked self.fast
         batch.advance(k)
         return out.tolist()
 

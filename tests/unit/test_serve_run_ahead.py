@@ -1,7 +1,7 @@
-"""Greedy steps taken several per C call (ServedModel.decode_greedy, Scheduler._run_ahead): the same tokens as one
-step at a time with each argmax fed back, across capacity growths and rope table growth, ties and NaNs resolved as
-numpy's argmax does; in the engine, the same output as with run-ahead off, runs cut at EOS, stop strings and
-max_tokens, and single steps whenever a row samples, wants log-probs or a newcomer waits."""
+"""Steps taken several per C call (ServedModel.decode_run, Scheduler._run_ahead): greedy, the same tokens as one step
+at a time with each argmax fed back, across capacity growths and rope table growth, ties and NaNs resolved as numpy's
+argmax does; in the engine, the same output as with run-ahead off, runs cut at EOS, stop strings and max_tokens, and
+single steps whenever a row wants log-probs or a newcomer waits. (Sampled runs: test_serve_sampling.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +36,7 @@ def _runs(served: ServedModel, batch: Batch, ids: list[int], runs: list[int]) ->
     out = [[] for _ in ids]
     with torch.no_grad():
         for k in runs:
-            got = served.decode_greedy("base", ids, batch, k)
+            got = served.decode_run("base", ids, batch, k)
             for row, tokens_ in zip(out, got):
                 row += tokens_
             ids = [row[-1] for row in got]
@@ -95,7 +95,7 @@ def test_a_bad_token_id_is_refused_before_anything_is_written(tokenizer):
     batch = _prefilled(random_model("llama"), 2, 4)
     before = [layer.keys.clone() for layer in batch.layers]
     with pytest.raises(ValueError, match="outside the embedding's 320 rows"):
-        served.decode_greedy("base", [3, 320], batch, 4)
+        served.decode_run("base", [3, 320], batch, 4)
     assert all(torch.equal(a, layer.keys[:, :, :a.shape[2]]) for a, layer in zip(before, batch.layers))
 
 
@@ -115,11 +115,11 @@ class _Served:
 def _job(temperature: float = 0.0, logprobs: int | None = None, max_tokens: int = 100) -> Job:
     request = GenerationRequest([1, 2], Sampling(max_tokens=max_tokens, temperature=temperature, logprobs=logprobs),
                                 "base")
-    return Job(request, lambda event: None, None, None, None)
+    return Job(request, lambda event: None, None, None, 0)
 
 
 @pytest.mark.parametrize("case, want", [
-    ("greedy", 8), ("one samples", 1), ("one wants log-probs", 1), ("a newcomer waits", 1),
+    ("greedy", 8), ("one samples", 8), ("one wants log-probs", 1), ("a newcomer waits", 1),
     ("the queue waits for a full batch", 8), ("a control call waits", 1), ("no timing yet", 1), ("off", 1),
     ("slow steps", 1), ("few tokens left", 3), ("fast steps", 16)])
 def test_when_the_scheduler_runs_ahead(case, want):
