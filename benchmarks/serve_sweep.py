@@ -2,7 +2,7 @@
 
 All servers serve the same model directory and stay up together; for each rate (requests/s) the same seeded
 Poisson schedule of `--requests` streaming `/v1/completions` (a `--prompt-tokens` prompt cut from stdlib source,
-`--max-tokens` out, greedy) is sent to each server in turn, open loop (a request is sent at its arrival time
+`--max-tokens` out, greedy unless --temperature says otherwise: OpenAI clients sample at 1 by default) is sent to each server in turn, open loop (a request is sent at its arrival time
 whatever is still running). Per server and rate: p50/p99 TTFT, p50/p99 time per output token (TPOT: (end - first
 token) / (tokens - 1)), output tokens/s, failures. The figure of merit is the highest rate meeting the SLO (p99 TTFT
 <= --ttft-ms and p99 TPOT <= --tpot-ms with no failures); goal: ours >= 1x the best peer's. A server stops being
@@ -78,8 +78,8 @@ def prompts(tokenizer, n: int, length: int, seed: int) -> list[str]:
     return texts
 
 
-async def one(client, model: str, prompt: str, max_tokens: int, count) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+async def one(client, model: str, prompt: str, max_tokens: int, count, temperature: float = 0.0) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
     try:
         r = await stream_completion(client, body)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
@@ -92,18 +92,20 @@ async def one(client, model: str, prompt: str, max_tokens: int, count) -> dict:
 
 
 async def level(url: str, key: str, model: str, texts: list[str], gaps: list[float], max_tokens: int, count,
-                timeout: float) -> dict:
+                timeout: float, temperature: float = 0.0) -> dict:
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as client:
         started, tasks = time.perf_counter(), []
         for text, gap in zip(texts, gaps):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(one(client, model, text, max_tokens, count)))
+            tasks.append(asyncio.create_task(one(client, model, text, max_tokens, count, temperature)))
         results = await asyncio.gather(*tasks)
     ok = [r for r in results if r["ok"]]
     wall = max((r["end"] for r in ok), default=time.perf_counter()) - started
     pct = lambda key, q: round(float(np.percentile([r[key] for r in ok if r[key] is not None], q)) * 1000, 1) \
         if any(r[key] is not None for r in ok) else None  # noqa: E731
-    return {"requests": len(results), "failed": len(results) - len(ok), "ttft_ms_p50": pct("ttft", 50),
+    why = sorted({r.get("error") or (f"status {r['status']}" if r["status"] != 200 else "no text streamed")
+                  for r in results if not r["ok"]})  # what failed, in short
+    return {"requests": len(results), "failed": len(results) - len(ok), "failures": why, "ttft_ms_p50": pct("ttft", 50),
             "ttft_ms_p99": pct("ttft", 99), "tpot_ms_p50": pct("tpot", 50), "tpot_ms_p99": pct("tpot", 99),
             "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1) if ok else 0.0,
             "mean_output_tokens": round(float(np.mean([r["tokens"] for r in ok])), 1) if ok else 0.0}
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=24, help="requests per rate")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: an OpenAI client's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ttft-ms", type=float, default=500.0)
     p.add_argument("--tpot-ms", type=float, default=40.0)
@@ -155,7 +158,7 @@ def main() -> None:
     if args.warmup:  # untimed: a server's first requests (lazy set-up, allocator growth) stay out of every rate
         for name, (_, url, model) in servers.items():
             warm = asyncio.run(level(url, key, model, texts[:args.warmup], [0.0] * args.warmup, args.max_tokens,
-                                     count, args.timeout))
+                                     count, args.timeout, args.temperature))
             print(f"{name}: warm-up, {args.warmup} requests, failed {warm['failed']}", flush=True)
     runs: dict[str, dict[str, dict]] = {name: {} for name in servers}
     misses = {name: 0 for name in servers}
@@ -166,7 +169,8 @@ def main() -> None:
             for name, (_, url, model) in servers.items():
                 if misses[name] >= 2:
                     continue
-                figures = asyncio.run(level(url, key, model, texts, gaps, args.max_tokens, count, args.timeout))
+                figures = asyncio.run(level(url, key, model, texts, gaps, args.max_tokens, count, args.timeout,
+                                            args.temperature))
                 figures["slo_met"] = meets(figures, args.ttft_ms, args.tpot_ms)
                 misses[name] = 0 if figures["slo_met"] else misses[name] + 1
                 runs[name][str(rate)] = figures
