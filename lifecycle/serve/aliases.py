@@ -9,7 +9,8 @@ one; no request ever meets a moment when the alias does not exist. Routes (admin
     POST /admin/aliases {alias, target}     point alias at a served model or adapter (created or moved)
     DELETE /admin/aliases/{alias}           remove it
 
-An adapter an alias points to cannot be unloaded (400): move the alias first. REST only; gRPC sees served names.
+An adapter an alias points to cannot be unloaded (400): move the alias first. The aliases are managed over REST;
+`lifecycle serve` gives both front ends one AliasedEngine, so gRPC requests and ListModels resolve them too.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ class AliasBody(_Body):
 
 
 def add_alias_routes(app: FastAPI, ctx) -> None:
-    """Put an AliasedEngine in front of ctx.engine and register the /admin/aliases routes."""
-    engine = ctx.engine = AliasedEngine(ctx.engine)
+    """Put an AliasedEngine in front of ctx.engine (or use the one it is: shared with the gRPC front end) and
+    register the /admin/aliases routes."""
+    engine = ctx.engine = ctx.engine if isinstance(ctx.engine, AliasedEngine) else AliasedEngine(ctx.engine)
 
     def admin(request: Request) -> None:
         require_admin(request.scope, ctx.settings.admin_key_ids, "aliases")

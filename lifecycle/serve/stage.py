@@ -60,11 +60,12 @@ def run(cfg: DictConfig) -> dict:
 
 
 async def _serve(cfg, engine, keys, meter, metrics, rest_settings, grpc_settings, check_key) -> dict:
-    """Both front ends share the engine; it starts once, and stops only after both have drained. Returns the
-    self-check's figures (check.requests > 0) or {}."""
+    """Both front ends share the engine, and its model aliases (managed over REST, resolved by both); it starts
+    once, and stops only after both have drained. Returns the self-check's figures (check.requests > 0) or {}."""
+    from lifecycle.serve.aliases import AliasedEngine
     from lifecycle.serve.runner import make_server
 
-    shared = _Unstoppable(engine)
+    shared = AliasedEngine(_Unstoppable(engine))
     grpc_server, checked = None, {}
     if "grpc" in cfg.deploy.frontends:
         from lifecycle.serve.grpc_server import build_server

@@ -46,11 +46,13 @@ def test_endpoint_evaluation_scores_equal_the_local_model(base_dir, data_dir, tm
 
 
 def test_openai_client_grpc_and_a_drain_on_sigterm(base_dir, tmp_path):
-    """Chat streaming through the official client and a gRPC call; SIGTERM mid-stream: the stream still completes,
-    the process exits 0 and its manifest counts what it served."""
+    """Chat streaming through the official client and a gRPC call, the second through an alias set over REST;
+    SIGTERM mid-stream: the stream still completes, the process exits 0 and its manifest counts what it served."""
     import grpc
+    import httpx
     from openai import OpenAI
 
+    from lifecycle.serve.auth import digest
     from lifecycle.serve.grpc_stubs import pb2, pb2_grpc
 
     chat_model = tmp_path / "chat_model"
@@ -59,15 +61,19 @@ def test_openai_client_grpc_and_a_drain_on_sigterm(base_dir, tmp_path):
     config["chat_template"] = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     (chat_model / "tokenizer_config.json").write_text(json.dumps(config))
     run_dir = tmp_path / "serve"
-    with serving(run_dir, "deploy=both", f"deploy.engine.model={chat_model}", "deploy.engine.name=tiny") \
-            as (url, grpc_port, proc):
+    with serving(run_dir, "deploy=both", f"deploy.engine.model={chat_model}", "deploy.engine.name=tiny",
+                 f"auth.admin_key_ids=[key-{digest(KEY)[:8]}]") as (url, grpc_port, proc):
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
         chunks = list(client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "def add(a, b):"}], max_tokens=8, temperature=0,
             stream=True, stream_options={"include_usage": True}))
         assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens > 0
         stub = pb2_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        reply = stub.Generate(pb2.GenerateRequest(model="tiny", prompt="import os\n", max_tokens=5, temperature=0),
+        alias = httpx.post(f"{url}/admin/aliases", json={"alias": "production", "target": "tiny"},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        assert alias.status_code == 200, alias.text
+        reply = stub.Generate(pb2.GenerateRequest(model="production", prompt="import os\n", max_tokens=5,
+                                                  temperature=0),
                               metadata=[("authorization", f"Bearer {KEY}")], timeout=30)
         assert reply.finish_reason == "length"
 
@@ -86,7 +92,8 @@ def test_openai_client_grpc_and_a_drain_on_sigterm(base_dir, tmp_path):
         assert proc.wait(timeout=60) == 0
     assert finished["reasons"][-1] == "length"  # in flight at SIGTERM, it was allowed to finish
     metrics = json.loads((run_dir / "manifest.json").read_text())["metrics"]
-    assert metrics["serve/requests_ok"] == 3 and metrics["serve/completion_tokens"] == 8 + 5 + 120
+    # the chat stream, the alias call, the gRPC call and the long stream
+    assert metrics["serve/requests_ok"] == 4 and metrics["serve/completion_tokens"] == 8 + 5 + 120
 
 
 def test_the_edge_profile_serves_an_int8_variant(base_dir, data_dir, tmp_path):

@@ -390,3 +390,28 @@ def test_l6_bounded_load_counts_agree(serve):
         print(f"\nL6 gRPC: {200 / elapsed:.0f} req/s, ok p50 {statistics.median(latencies) * 1e3:.1f} ms, "
               f"p99 {latencies[int(0.99 * len(latencies))] * 1e3:.1f} ms, {tally}")
     serve(test, token_delay=0.001, max_batch_size=4, max_queue=4)
+
+
+def test_grpc_resolves_the_aliases_rest_manages(serve, tmp_path):
+    """`lifecycle serve` hands both front ends one AliasedEngine: an alias set over REST (/admin/aliases) is listed
+    and resolved by gRPC too, and the REST app keeps the AliasedEngine it is given instead of wrapping another."""
+    from lifecycle.serve.aliases import AliasedEngine
+    from lifecycle.serve.rest import RestSettings, build_app
+
+    shared = AliasedEngine(FakeEngine(adapters=("production-v1",)))
+    app = build_app(shared, KeyStore({}), None, ServeMetrics(shared.stats, lambda: shared.ready), RestSettings())
+    assert app.state.ctx.engine is shared
+
+    async def test(env: Env):
+        env.engine.aliases["production"] = "production-v1"  # what POST /admin/aliases does
+        names = [m.name for m in (await env.stub.ListModels(pb2.ListModelsRequest(), metadata=AUTH)).models]
+        assert "production" in names and "production-v1" in names
+        r = await env.stub.Generate(pb2.GenerateRequest(prompt="hi", max_tokens=3, model="production"),
+                                    metadata=AUTH)
+        assert r.text and r.model == "production"
+        del env.engine.aliases["production"]
+        error = await refused(env.stub.Generate(pb2.GenerateRequest(prompt="hi", max_tokens=3, model="production"),
+                                                metadata=AUTH))
+        assert error.code() == Code.NOT_FOUND
+
+    serve(test, kind=lambda **kw: AliasedEngine(FakeEngine(adapters=("production-v1",), **kw)))
