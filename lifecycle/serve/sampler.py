@@ -5,14 +5,14 @@ function of the request's seed and the token's index. So the same seed draws the
 the batch, and whether its steps ran one per call or several in one C call (Scheduler._run_ahead), which needs the
 draw to be the same arithmetic in C (native_step.c's lc_sample) and here. Sampler uses that C code where the native
 library builds; otherwise the same rule in torch (equal tokens but where float rounding puts the uniform number on
-the boundary between two tokens: the C path sums in index order in float64, torch's cumsum otherwise).
+the boundary between two tokens: the C path sums the weights 16 at a time in float, then in float64, torch's cumsum
+all in float64).
 
 Log-probs are log_softmax of the model's raw logits, before temperature, top-k and top-p: they describe the model, not
 the sampling settings, which is what scoring clients (lm-evaluation-harness) sum.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import secrets
 import threading
@@ -57,7 +57,7 @@ class Sampler:
                 self.lib = native_step.library()
             except native_step.NativeUnavailable as e:
                 log.info("sampling: in torch (%s)", e)
-        self.scratch = threading.local()  # lc_sample's work buffer, per thread and vocabulary size
+        self.scratch = threading.local()  # lc_sample's work buffer (.work) for a vocabulary of .vocab, per thread
 
     @property
     def native(self) -> bool:
@@ -70,9 +70,9 @@ class Sampler:
             return _draw_torch(logits, sampling, seed, counter)
         row = logits.detach().to("cpu", torch.float32).contiguous()
         vocab = row.shape[-1]
-        work = getattr(self.scratch, "work", None)
-        if work is None or work.shape[0] != self.lib.lc_sample_floats(vocab):
-            work = self.scratch.work = torch.empty(self.lib.lc_sample_floats(vocab))
+        if getattr(self.scratch, "vocab", None) != vocab:
+            self.scratch.work, self.scratch.vocab = torch.empty(self.lib.lc_sample_floats(vocab)), vocab
+        work = self.scratch.work
         token = self.lib.lc_sample(row.data_ptr(), vocab, sampling.temperature, sampling.top_k, sampling.top_p,
                                    seed, counter, work.data_ptr())
         if token < 0:
@@ -110,8 +110,6 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     if logits.dtype == torch.float32 and logits.device.type == "cpu" and not logits.requires_grad:
         return logits.numpy().argmax(-1).tolist()
     return logits.argmax(-1).tolist()
-
-
 
 
 class TokenTexts:
