@@ -715,7 +715,7 @@ double lc_uniform(uint64_t seed, uint64_t counter) {
 #define SAMPLE_BUCKETS 2048 /* the sign, 8 exponent and 3 mantissa bits of a probability in [0, 1] */
 
 /* Floats of scratch lc_sample needs for a vocabulary of V */
-int64_t lc_sample_floats(int64_t V) { return 3 * V + 1 + 4 * SAMPLE_BUCKETS; }
+int64_t lc_sample_floats(int64_t V) { return 3 * V + 1 + 2 * SAMPLE_BUCKETS; }
 
 /* The k-th largest of x[0..n) (1 <= k <= n), x reordered: quickselect with a middle pivot */
 static float kth_largest(float *x, int64_t n, int64_t k) {
@@ -754,7 +754,6 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
                   uint64_t counter, float *work) {
     float *p = work, *pairs = work + V; /* p: weights exp((logit - top) / T); pairs: (weight, index) of a bucket */
     double *mass = (double *)(work + (3 * V + 1) / 2 * 2); /* 8-byte aligned (work is) */
-    int32_t *count = (int32_t *)(mass + SAMPLE_BUCKETS);
     float top = -INFINITY;
     int bad = 0;
 #pragma omp simd reduction(max : top) reduction(| : bad)
@@ -778,12 +777,9 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
            are kept while the mass before them is at most top_p of the total, and only the bucket where that ends
            is sorted. */
         memset(mass, 0, sizeof(double) * SAMPLE_BUCKETS);
-        memset(count, 0, sizeof(int32_t) * SAMPLE_BUCKETS);
         for (int64_t i = 0; i < V; i++) {
             union { float f; uint32_t u; } w = {.f = p[i]};
-            uint32_t b = w.u >> 20;
-            mass[b] += p[i];
-            count[b]++;
+            mass[w.u >> 20] += p[i];
         }
         double limit = (double)top_p * total, before = 0.;
         int b = SAMPLE_BUCKETS - 1;
@@ -823,9 +819,9 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
         total += sum;
     }
     double target = lc_uniform(seed, counter) * total, run = 0.;
-    int64_t last = -1;
     for (int64_t k = 0; k < blocks; k++) {
-        if (run + sums[k] > target) {
+        if (run + sums[k] > target) { /* sums[k] > 0: the block holds a kept token */
+            int64_t last = -1;
             for (int64_t i = 16 * k; i < 16 * k + 16 && i < V; i++) {
                 if (p[i] == 0.f) continue;
                 run += p[i];
@@ -835,9 +831,10 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
             return last; /* rounding: the block's own sum passed the target, its tokens one by one not quite */
         }
         run += sums[k];
-        for (int64_t i = 16 * k; i < 16 * k + 16 && i < V; i++) last = p[i] != 0.f ? i : last;
     }
-    return last; /* rounding left the target at the very end */
+    for (int64_t i = V - 1; i >= 0; i--) /* rounding left the target at the very end: the last kept token */
+        if (p[i] != 0.f) return i;
+    return -5; /* not reached: the top logit's weight is 1 */
 }
 
 /* k decode steps in one call: step s feeds each row its token of step s - 1 (ids at step 0) at position pos[r] + s,
