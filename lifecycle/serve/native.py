@@ -142,7 +142,8 @@ def _load(path: Path) -> ctypes.CDLL:
                             ctypes.c_void_p, ctypes.c_int]
     lib.lc_decode_run.restype = ctypes.c_int
     lib.lc_decode_run.argtypes = [*lib.lc_step.argtypes, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p]
     lib.lc_sample.restype = ctypes.c_int64
     lib.lc_sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
                               ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p]
@@ -277,11 +278,13 @@ class NativeStep:
         self._run(self.lib.lc_step, ids, positions, batch, logits)
         return logits
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, batch, k: int, draws=None) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, batch, k: int, draws=None,
+            logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k steps in one call, each row fed its own previous token: the tokens (rows, k), -1 where a row's draw
-        found nothing to draw (lc_decode_run). draws: None (every row greedy) or per row (temperature, top_k, top_p,
-        seed, counter of its first token), temperature 0 for a greedy row. Columns batch.t .. batch.t + k - 1 must
-        already be claimed (Batch.claim)."""
+        found nothing to draw (lc_decode_run), and with `logprobs` each token's log-prob under its step's logits
+        (rows, k; else None). draws: None (every row greedy) or per row (temperature, top_k, top_p, seed, counter
+        of its first token), temperature 0 for a greedy row. Columns batch.t .. batch.t + k - 1 must already be
+        claimed (Batch.claim)."""
         rows = ids.shape[0]
         tokens = torch.empty(rows, k, dtype=torch.int64)
         settings, pointers = (), [None] * 5  # NULL settings: every row greedy
@@ -292,9 +295,10 @@ class NativeStep:
                         torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seed]),  # uint64 bits as int64
                         torch.tensor(counter, dtype=torch.int64))
             pointers = [t.data_ptr() for t in settings]  # `settings` holds the tensors until the call returns
+        chosen = torch.empty(rows, k) if logprobs else None
         self._run(self.lib.lc_decode_run, ids, positions, batch, torch.empty(rows, self.vocab), k,
-                  tokens.data_ptr(), *pointers)
-        return tokens
+                  tokens.data_ptr(), *pointers, chosen.data_ptr() if logprobs else None)
+        return tokens, chosen
 
     def prefill(self, prompts: list[list[int]], batch) -> torch.Tensor:
         """Run `prompts` at once into `batch`'s empty storage (row i: prompt i, left-padded to batch.t columns, its

@@ -837,17 +837,41 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
     return -5; /* not reached: the top logit's weight is 1 */
 }
 
+/* log_softmax(x)[token] over x[0..n): x[token] - max - log(sum of exp(x - max)), the exponentials summed 16 at a time
+   in float, then in double; NaN where x holds one */
+static float log_prob(const float *x, int64_t n, int64_t token) {
+    float top = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+    for (int64_t i = 0; i < n; i++) {
+        top = x[i] > top ? x[i] : top;
+        nan |= x[i] != x[i];
+    }
+    if (nan) return NAN;
+    if (top == -INFINITY || top == INFINITY) return x[token] - top; /* a degenerate row: -inf or NaN */
+    double sum = 0.;
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+        float part = 0.f;
+        int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = i0; i < i1; i++) part += exp_(x[i] - top);
+        sum += part;
+    }
+    return (float)((double)(x[token] - top) - log(sum));
+}
+
 /* k decode steps in one call: step s feeds each row its token of step s - 1 (ids at step 0) at position pos[r] + s,
    column t + s; tokens (rows, k) gets every row's k tokens. A row with temperature[r] == 0 (or temperature NULL:
    every row) takes the argmax (numpy's rule), another draws with lc_sample(top_k[r], top_p[r], seed[r],
    counter[r] + s); a draw that fails (-5) records -1 and feeds token 0 after it, for the caller to end that row.
    The caller marks columns t..t+k-1 valid in bias. Everything is checked before anything is written: -1 when a
    position would pass the rope table, -2 for a token id outside the embedding, -3 when the head has more columns
-   than the embedding has rows (a token could not be fed back). logits (rows, vocab) holds the last step's. */
+   than the embedding has rows (a token could not be fed back). logits (rows, vocab) holds the last step's.
+   logprobs (rows, k), unless NULL, gets each token's log_softmax of its step's logits (log_prob). */
 int lc_decode_run(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const float *bias, int64_t cap,
                   int64_t t, float *const *keys, float *const *values, float *logits, float *work, int nthreads,
                   int k, int64_t *tokens, const float *temperature, const int64_t *top_k, const float *top_p,
-                  const uint64_t *seed, const int64_t *counter) {
+                  const uint64_t *seed, const int64_t *counter, float *logprobs) {
     if (m->vocab > m->embed_rows) return -3;
     for (int r = 0; r < rows; r++) {
         if (pos[r] < 0 || pos[r] + k - 1 >= m->max_pos) return -1;
@@ -865,6 +889,7 @@ int lc_decode_run(const Model *m, int rows, const int64_t *ids, const int64_t *p
                                             (uint64_t)(counter[r] + s), draw)
                                 : argmax(row, m->vocab);
             tokens[(int64_t)r * k + s] = token < 0 ? -1 : token;
+            if (logprobs) logprobs[(int64_t)r * k + s] = token < 0 ? NAN : log_prob(row, m->vocab, token);
             feed[r] = token < 0 ? 0 : token;
             at[r]++;
         }

@@ -23,7 +23,7 @@ import torch
 
 from lifecycle.serve.batch import Batch, merge
 from lifecycle.serve.detok import Detokenizer, StopMatcher
-from lifecycle.serve.protocol import Event, GenerationRequest, NotReady
+from lifecycle.serve.protocol import Event, GenerationRequest, NotReady, TokenLogprob
 from lifecycle.serve.sampler import NOTHING_TO_DRAW, greedy_tokens, prompt_logprobs, token_logprob
 from lifecycle.serve.served import ServedModel
 
@@ -220,7 +220,9 @@ class Scheduler:
                 if any(j.request.sampling.temperature for j in jobs):
                     draws = [(j.request.sampling.temperature, j.request.sampling.top_k, j.request.sampling.top_p,
                               j.seed, j.completion) for j in jobs]
-                tokens = self.served.decode_run(name, [j.last for j in jobs], group.batch, k, draws)  # rows x k
+                scored = any(j.request.sampling.logprobs is not None for j in jobs)  # k = 0 here (_run_ahead)
+                tokens, scores = self.served.decode_run(name, [j.last for j in jobs], group.batch, k, draws,
+                                                        scored)  # rows x k each
             else:
                 logits = self.served.decode(name, [j.last for j in jobs], group.batch)  # (rows, V)
         except Exception as e:
@@ -236,7 +238,7 @@ class Scheduler:
                 if k == 1:
                     self._advance(job, logits, i, greedy[i])
                 else:
-                    self._advance_run(job, tokens[i])
+                    self._advance_run(job, tokens[i], scores[i] if scores is not None else None)
             except Exception as e:
                 log.exception("request %s failed", job.request.request_id)
                 self._finish(job, "error", error=f"{type(e).__name__}: {e}")
@@ -246,9 +248,10 @@ class Scheduler:
 
     def _run_ahead(self, name: str, group: Group) -> int:
         """Decode steps to take in one call for group `name`: 1, or up to RUN_AHEAD_MAX lasting about
-        self.run_ahead seconds in all when no row wants log-probs, nobody waits for a free slot or a control call,
-        and the model can (ServedModel.runs_ahead: the C step, and sampled rows drawn in C by the same rule as
-        single steps, so a seed's tokens do not depend on the load). On a small model a step in C takes ~0.5 ms and
+        self.run_ahead seconds in all when no row wants top log-probs (the chosen token's own, which the REST front
+        end asks of every request for the usage log, come from the C run), nobody waits for a free slot or a
+        control call, and the model can (ServedModel.runs_ahead: the C step, and sampled rows drawn in C by the
+        same rule as single steps, so a seed's tokens do not depend on the load). On a small model a step in C takes ~0.5 ms and
         the Python around it (this loop, the events, the event loop's thread taking the GIL) ~0.3 ms more; taken
         k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop string,
         max_tokens) keeps the tokens up to its end; the steps after it are discarded. Cancellations, deadlines
@@ -258,7 +261,7 @@ class Scheduler:
             return 1
         k = min(RUN_AHEAD_MAX, int(self.run_ahead / max(group.step_seconds, 1e-6)),
                 max(j.request.sampling.max_tokens - j.completion for j in group.jobs))
-        if k < 2 or any(j.request.sampling.logprobs is not None for j in group.jobs):
+        if k < 2 or any(j.request.sampling.logprobs for j in group.jobs):  # None or 0: the run gives them
             return 1
         return k if self.served.runs_ahead(name) else 1
 
@@ -279,9 +282,11 @@ class Scheduler:
                        finish_reason=finish, prompt_tokens=len(job.request.prompt_ids),
                        completion_tokens=job.completion))
 
-    def _advance_run(self, job: Job, tokens: list[int]) -> None:
-        """A run of tokens for `job` (_run_ahead), up to its end if it ends inside them: one event."""
+    def _advance_run(self, job: Job, tokens: list[int], scores: list[float] | None = None) -> None:
+        """A run of tokens for `job` (_run_ahead), up to its end if it ends inside them: one event. `scores`: each
+        token's log-prob, reported when the job asked for log-probs (k = 0: the chosen token's only)."""
         texts, taken, finish = [], [], None
+        wants = job.request.sampling.logprobs is not None
         try:
             for token in tokens:
                 if token < 0:
@@ -293,7 +298,8 @@ class Scheduler:
                     break
         finally:  # a token that failed ends the job (the caller's _finish); those before it still go out
             if taken:
-                job.emit(Event(text="".join(texts), token_ids=taken, finish_reason=finish,
+                logprobs = [TokenLogprob(self.served.text(t), s, {}) for t, s in zip(taken, scores)] if wants else []
+                job.emit(Event(text="".join(texts), token_ids=taken, logprobs=logprobs, finish_reason=finish,
                                prompt_tokens=len(job.request.prompt_ids), completion_tokens=job.completion))
 
     def _accept(self, job: Job, token: int) -> tuple[str, str | None]:

@@ -129,18 +129,20 @@ class ServedModel:
         fast = self._fast() if name == self.base_name else None
         return fast is not None and fast.native is not None and fast.native.runs_ahead and self.sampler.native
 
-    def decode_run(self, name: str, tokens: list[int], batch: Batch, k: int, draws=None) -> list[list[int]]:
+    def decode_run(self, name: str, tokens: list[int], batch: Batch, k: int, draws=None,
+                   logprobs: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
         """k steps for every row (runs_ahead(name) must hold), feeding `tokens`, then each row's own token: its
         argmax, or where `draws` (per row: temperature, top_k, top_p, seed, counter of the first token; None: all
         greedy) has a temperature, self.sampler's draw. Each row's k tokens, the same as k calls of decode with
         each token chosen from the logits and fed back; -1 where nothing could be drawn (the row's tokens after it
-        are meaningless)."""
+        are meaningless). With `logprobs`, also each token's log-prob (log_softmax of its step's logits, to float
+        rounding), else None."""
         self.select(name)
         batch.claim(k, self.dtype)
         ids = torch.tensor(tokens)
-        out = self.fast.native.run(ids, batch.positions, batch, k, draws)  # runs_ahead has just checked self.fast
+        out, chosen = self.fast.native.run(ids, batch.positions, batch, k, draws, logprobs)  # runs_ahead checked
         batch.advance(k)
-        return out.tolist()
+        return out.tolist(), chosen.tolist() if chosen is not None else None
 
     def _fast(self):
         """The fast decode step (None: the HF forward), fused again if a weight was replaced since (a dtype change)."""

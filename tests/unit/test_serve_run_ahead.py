@@ -36,7 +36,7 @@ def _runs(served: ServedModel, batch: Batch, ids: list[int], runs: list[int]) ->
     out = [[] for _ in ids]
     with torch.no_grad():
         for k in runs:
-            got = served.decode_run("base", ids, batch, k)
+            got, _ = served.decode_run("base", ids, batch, k)
             for row, tokens_ in zip(out, got):
                 row += tokens_
             ids = [row[-1] for row in got]
@@ -119,7 +119,7 @@ def _job(temperature: float = 0.0, logprobs: int | None = None, max_tokens: int 
 
 
 @pytest.mark.parametrize("case, want", [
-    ("greedy", 8), ("one samples", 8), ("one wants log-probs", 1), ("a newcomer waits", 1),
+    ("greedy", 8), ("one samples", 8), ("one wants its tokens' log-probs", 8), ("one wants top log-probs", 1), ("a newcomer waits", 1),
     ("the queue waits for a full batch", 8), ("a control call waits", 1), ("no timing yet", 1), ("off", 1),
     ("slow steps", 1), ("few tokens left", 3), ("fast steps", 16)])
 def test_when_the_scheduler_runs_ahead(case, want):
@@ -129,8 +129,10 @@ def test_when_the_scheduler_runs_ahead(case, want):
     scheduler.running = 2
     if case == "one samples":
         jobs[1] = _job(temperature=0.7)
-    elif case == "one wants log-probs":
+    elif case == "one wants its tokens' log-probs":
         jobs[0] = _job(logprobs=0)
+    elif case == "one wants top log-probs":
+        jobs[0] = _job(logprobs=1)
     elif case == "a newcomer waits":
         scheduler.running = 1
         scheduler.pending.append(_job())

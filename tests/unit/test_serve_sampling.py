@@ -145,7 +145,7 @@ def test_sampled_runs_equal_single_steps(family, tokenizer):
     done = 0
     with torch.no_grad():
         for k in (5, 1, 6):
-            run_ = served.decode_run("base", ids, batch, k, [(*d[:4], d[4] + done) for d in draws])
+            run_, _ = served.decode_run("base", ids, batch, k, [(*d[:4], d[4] + done) for d in draws])
             for row, part in zip(got, run_):
                 row += part
             ids, done = [part[-1] for part in run_], done + k
@@ -161,7 +161,7 @@ def test_a_run_marks_a_row_with_nothing_to_draw(tokenizer):
     with torch.no_grad():
         model.lm_head.weight[7].fill_(math.nan)  # every step's logit 7: NaN
     served = ServedModel(model, tokenizer, "base", native=True)
-    out = served.decode_run("base", [2, 3], batch, 3, [(1.0, 0, 1.0, 1, 0), (0.0, 0, 1.0, 0, 0)])
+    out, _ = served.decode_run("base", [2, 3], batch, 3, [(1.0, 0, 1.0, 1, 0), (0.0, 0, 1.0, 0, 0)])
     assert out[0] == [-1, -1, -1]
     assert all(t >= 0 for t in out[1])  # a greedy row's argmax takes NaN as numpy does, not an error
 
@@ -200,3 +200,45 @@ def test_a_request_with_nothing_to_draw_fails_alone(llama_dir):
     sampled, greedy = run(main())
     assert sampled[-1].finish_reason == "error" and "no token can be drawn" in sampled[-1].error
     assert greedy[-1].finish_reason == "length" and len(tokens(greedy)) == 5
+
+
+def test_a_run_gives_each_tokens_log_prob(tokenizer):
+    """decode_run(logprobs=True): each token's log_softmax under its step's logits, as single steps compute it (to
+    float rounding), for greedy and sampled rows alike."""
+    served = ServedModel(random_model("llama"), tokenizer, "base", native=True)
+    batch = _prefilled(random_model("llama"), 2, 5)
+    reference = copy.deepcopy(batch)
+    draws = [(0.0, 0, 1.0, 0, 1), (1.0, 0, 1.0, 9, 1)]
+    with torch.no_grad():
+        tokens, scores = served.decode_run("base", [2, 3], batch, 6, draws, logprobs=True)
+        ids, want = [2, 3], [[], []]
+        for step in range(6):
+            logits = served.decode("base", ids, reference)
+            lp = torch.log_softmax(logits, -1)
+            ids = [tokens[0][step], tokens[1][step]]
+            for r in range(2):
+                want[r].append(float(lp[r, ids[r]]))
+    assert torch.allclose(torch.tensor(scores), torch.tensor(want), atol=1e-4), (scores, want)
+    assert all(s < 0 for row in scores for s in row)
+
+
+def test_engine_requests_with_their_tokens_log_probs_run_ahead(llama_dir):
+    """logprobs=0 (what the REST front end asks of every request, for the usage log): run ahead, the same tokens and,
+    to float rounding, the same log-probs as one step at a time; top log-probs (logprobs=2) keep single steps."""
+    async def outputs(run_ahead_ms: float, logprobs: int):
+        async with serving(llama_dir, run_ahead_ms=run_ahead_ms) as engine:
+            return await asyncio.gather(*(collect(engine, ask(engine, p, seed=i, max_tokens=24, logprobs=logprobs,
+                                                              temperature=0.9 * (i % 2)))
+                                          for i, p in enumerate(PROMPTS)))
+
+    on, off = run(outputs(4.0, 0)), run(outputs(0.0, 0))
+    assert [tokens(e) for e in on] == [tokens(e) for e in off]
+    for a, b in zip(on, off):
+        got = [lp.logprob for e in a for lp in e.logprobs]
+        want = [lp.logprob for e in b for lp in e.logprobs]
+        assert len(got) == len(want) == len(tokens(a)) and all(lp.top == {} for e in a for lp in e.logprobs)
+        assert [lp.token for e in a for lp in e.logprobs] == [lp.token for e in b for lp in e.logprobs]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 1e-4
+    assert sum(map(len, on)) < sum(map(len, off))  # runs of several tokens
+    top = run(outputs(4.0, 2))
+    assert all(len(e) == len(tokens(e)) for e in top)  # one event a token: no run-ahead
