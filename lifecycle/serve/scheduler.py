@@ -251,9 +251,9 @@ class Scheduler:
         self.run_ahead seconds in all when no row wants top log-probs (the chosen token's own, which the REST front
         end asks of every request for the usage log, come from the C run), nobody waits for a free slot or a
         control call, and the model can (ServedModel.runs_ahead: the C step, and sampled rows drawn in C by the
-        same rule as single steps, so a seed's tokens do not depend on the load). On a small model a step in C takes ~0.5 ms and
-        the Python around it (this loop, the events, the event loop's thread taking the GIL) ~0.3 ms more; taken
-        k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop string,
+        same rule as single steps, so a seed's tokens do not depend on the load). On a small model a step in C
+        takes ~0.5 ms and the Python around it (this loop, the events, the event loop's thread taking the GIL)
+        ~0.3 ms more; taken k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop string,
         max_tokens) keeps the tokens up to its end; the steps after it are discarded. Cancellations, deadlines
         and newcomers wait at most one run."""
         if (not self.run_ahead or group.step_seconds is None or self.controls
