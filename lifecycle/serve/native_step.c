@@ -680,16 +680,24 @@ int lc_prefill(const Model *m, int tokens, const int64_t *ids, const int64_t *po
     return 0;
 }
 
+/* The largest of x[0..n) that is not NaN (-inf when none is), in one vectorised pass; *nan: whether any is NaN */
+static float largest(const float *x, int64_t n, int *nan) {
+    float top = -INFINITY;
+    int any = 0;
+#pragma omp simd reduction(max : top) reduction(| : any)
+    for (int64_t j = 0; j < n; j++) {
+        top = x[j] > top ? x[j] : top;
+        any |= x[j] != x[j];
+    }
+    *nan = any;
+    return top;
+}
+
 /* The index of the largest of x[0..n): the first one among equals, or the first NaN where there is one (numpy's
    argmax, which the scheduler's single steps use) */
 static int64_t argmax(const float *x, int64_t n) {
-    float top = -INFINITY;
-    int nan = 0;
-#pragma omp simd reduction(max : top) reduction(| : nan)
-    for (int64_t j = 0; j < n; j++) {
-        top = x[j] > top ? x[j] : top;
-        nan |= x[j] != x[j];
-    }
+    int nan;
+    float top = largest(x, n, &nan);
     for (int64_t j = 0; j < n; j++)
         if (nan ? x[j] != x[j] : x[j] == top) return j;
     return 0; /* every x is -inf */
@@ -754,14 +762,9 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
                   uint64_t counter, float *work) {
     float *p = work, *pairs = work + V; /* p: weights exp((logit - top) / T); pairs: (weight, index) of a bucket */
     double *mass = (double *)(work + (3 * V + 1) / 2 * 2); /* 8-byte aligned (work is) */
-    float top = -INFINITY;
-    int bad = 0;
-#pragma omp simd reduction(max : top) reduction(| : bad)
-    for (int64_t i = 0; i < V; i++) {
-        top = logits[i] > top ? logits[i] : top;
-        bad |= logits[i] != logits[i] || logits[i] == INFINITY;
-    }
-    if (bad || top == -INFINITY) return -5;
+    int nan;
+    float top = largest(logits, V, &nan);
+    if (nan || top == INFINITY || top == -INFINITY) return -5;
     float floor_ = -INFINITY; /* logits below it are out (top_k) */
     if (top_k > 0 && top_k < V) {
         memcpy(p, logits, sizeof(float) * V);
@@ -840,13 +843,8 @@ int64_t lc_sample(const float *logits, int64_t V, float temperature, int64_t top
 /* log_softmax(x)[token] over x[0..n): x[token] - max - log(sum of exp(x - max)), the exponentials summed 16 at a time
    in float, then in double; NaN where x holds one */
 static float log_prob(const float *x, int64_t n, int64_t token) {
-    float top = -INFINITY;
-    int nan = 0;
-#pragma omp simd reduction(max : top) reduction(| : nan)
-    for (int64_t i = 0; i < n; i++) {
-        top = x[i] > top ? x[i] : top;
-        nan |= x[i] != x[i];
-    }
+    int nan;
+    float top = largest(x, n, &nan);
     if (nan) return NAN;
     if (top == -INFINITY || top == INFINITY) return x[token] - top; /* a degenerate row: -inf or NaN */
     double sum = 0.;
