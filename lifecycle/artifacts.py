@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -12,6 +13,8 @@ from typing import Any
 import yaml
 
 from lifecycle.errors import LifecycleError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -74,7 +77,9 @@ def start_run(run_dir: str | Path, config: dict) -> Path:
 def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: dict,
                started: float, wandb_run_id: str | None = None, promote: bool = True) -> None:
     """Write manifest.json, then (if `promote`: a successful run, an accepted candidate) point
-    <output_root>/<stage>/latest at this run."""
+    <output_root>/<stage>/latest at this run, if the run lies under <output_root>/<stage>/. A run kept elsewhere
+    (hydra.run.dir=/tmp/try) leaves `latest` alone: the later stages' defaults read it, and an experiment run
+    outside the outputs must not silently become their input."""
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -86,8 +91,15 @@ def finish_run(run_dir: Path, stage: str, inputs: dict, metrics: dict, config: d
         "config": config,
     }
     write_json(run_dir / "manifest.json", manifest)
-    if promote:
-        update_latest(run_dir, Path(config["paths"]["output_root"]) / stage)
+    if not promote:
+        return
+    stage_root = Path(config["paths"]["output_root"]) / stage
+    if stage_root.resolve() in Path(run_dir).resolve().parents:
+        update_latest(run_dir, stage_root)
+    else:
+        log.warning("%s: the run %s is outside %s/, so %s/latest, which later stages read by default, stays where it "
+                    "was (to publish such a run, give it paths.output_root=<its root>)", stage, run_dir, stage_root,
+                    stage_root)
 
 
 def update_latest(run_dir: Path, stage_root: Path) -> None:
