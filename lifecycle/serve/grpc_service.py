@@ -79,9 +79,11 @@ def to_engine_request(req, engine: Engine, settings, request_id: str, deadline: 
     logprobs = req.logprobs if req.HasField("logprobs") else None
     if logprobs is not None and not 0 <= logprobs <= s.max_logprobs:
         raise invalid("logprobs", f"must be in [0, {s.max_logprobs}], got {logprobs}")
+    # Each token's log-prob always (k=0 when not asked; the response then carries none), as over REST: the usage
+    # log's mean_logprob tells the monitor how sure the model was of every answer, whichever front end served it.
     sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
-                        stop=tuple(req.stop), seed=req.seed if req.HasField("seed") else None, logprobs=logprobs,
-                        echo=req.echo)
+                        stop=tuple(req.stop), seed=req.seed if req.HasField("seed") else None,
+                        logprobs=0 if logprobs is None else logprobs, echo=req.echo and logprobs is not None)
     return GenerationRequest(prompt_ids=prompt_ids, sampling=sampling, model=req.model or engine.model_names()[0],
                              deadline=deadline, request_id=request_id)
 
@@ -102,6 +104,7 @@ class _Call:
         self.code, self.outcome, self.finish_reason = Code.OK, "ok", None
         self.prompt, self.prompt_ids, self.text, self.token_ids = "", [], [], []
         self.logprobs, self.prompt_logprobs, self.usage = [], None, (0, 0)
+        self.show_logprobs = False  # whether the client asked for them (the engine always gives each token's)
 
     async def events(self, request) -> AsyncIterator[Event]:
         """The engine's events for `request`, each also accumulated here; refusals and failures raise Abort."""
@@ -111,6 +114,7 @@ class _Call:
         self.deadline = time.monotonic() + budget
         job = to_engine_request(request, engine, settings, self.id, self.deadline)
         self.prompt, self.prompt_ids = request.prompt, job.prompt_ids
+        self.show_logprobs = request.HasField("logprobs")
         if job.model in engine.model_names():
             self.model = job.model  # unknown names stay "unknown": a metrics label must not take client input
         async with aclosing(engine.generate(job)) as stream:
@@ -155,7 +159,7 @@ class _Call:
             token_ids=e.token_ids if e else self.token_ids, finish_reason=(e.finish_reason if e else
                                                                            self.finish_reason) or "",
             usage=pb2.Usage(prompt_tokens=self.usage[0], completion_tokens=self.usage[1]),
-            logprobs=logprobs_pb(e.logprobs if e else self.logprobs),
+            logprobs=logprobs_pb(e.logprobs if e else self.logprobs) if self.show_logprobs else [],
             prompt_logprobs=logprobs_pb(e.prompt_logprobs if e else self.prompt_logprobs))
 
     def ended(self, error: BaseException | None) -> Abort | None:
@@ -188,10 +192,12 @@ class _Call:
         if self.key_id is None:
             return
         output = "".join(self.text)
+        lps = [t.logprob for t in self.logprobs if t.logprob is not None]
         svc.meter.record(UsageRecord(
             key_id=self.key_id, model=self.model, frontend=FRONTEND, route=self.route,
             status=HTTP_TWIN.get(self.code, 500), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             latency_ms=seconds * 1e3, ttft_ms=None if ttft is None else ttft * 1e3, finish_reason=self.finish_reason,
+            mean_logprob=sum(lps) / len(lps) if lps else None, request_id=self.id,
             stats=request_stats(self.prompt, output, self.prompt_ids, self.token_ids) if self.prompt_ids else None,
             text={"prompt": self.prompt, "output": output}, ts=self.ts))
 

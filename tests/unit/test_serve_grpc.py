@@ -415,3 +415,27 @@ def test_grpc_resolves_the_aliases_rest_manages(serve, tmp_path):
         assert error.code() == Code.NOT_FOUND
 
     serve(test, kind=lambda **kw: AliasedEngine(FakeEngine(adapters=("production-v1",), **kw)))
+
+
+def test_grpc_completions_carry_their_id_and_mean_logprob_into_the_usage_log(serve):
+    """As over REST: the usage row of a gRPC completion keeps the id the client got (so POST /v1/feedback can rate
+    it) and the tokens' mean log-prob (the monitor's confidence signal), though the client asked for no log-probs."""
+    from sqlalchemy import select
+
+    from lifecycle.serve.usage import requests_table
+
+    async def test(env: Env):
+        plain = await env.stub.Generate(pb2.GenerateRequest(prompt="hi", max_tokens=5), metadata=AUTH)
+        assert plain.id.startswith("grpc-") and len(plain.text) == 5 and not plain.logprobs
+        chunks = [c async for c in env.stub.GenerateStream(pb2.GenerateRequest(prompt="hi", max_tokens=4),
+                                                            metadata=AUTH)]
+        assert not any(c.logprobs for c in chunks)
+        asked = await env.stub.Generate(pb2.GenerateRequest(prompt="hi", max_tokens=3, logprobs=0), metadata=AUTH)
+        assert [lp.logprob for lp in asked.logprobs] == [-1.0] * 3
+        env.meter.flush()
+        with env.meter.engine.connect() as conn:
+            rows = {r.request_id: r for r in conn.execute(select(requests_table))}
+        assert set(rows) == {plain.id, chunks[0].id, asked.id}
+        assert all(r.mean_logprob == -1.0 and r.frontend == "grpc" for r in rows.values())
+        assert env.meter.record_feedback(plain.id, "alice", -1, "thumbs", True, None) > 0
+    serve(test)
