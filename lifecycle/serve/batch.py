@@ -12,29 +12,39 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 GROW = 64  # spare columns allocated at each rebuild: a rebuild per 64 decode steps at most
 
 
+class Clock:
+    """The column a batch writes next, shared by the batch and its layers. Not the batch itself: batch and layers
+    would then form a reference cycle, and a batch the scheduler drops (a merge replaces it) would keep its keys and
+    values, hundreds of MB on a large batch, until the garbage collector's next full pass."""
+    __slots__ = ("t",)
+
+    def __init__(self, t: int):
+        self.t = t
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's keys and values, (rows, kv_heads, capacity, head_dim), written at the batch's column `t`."""
 
     is_sliding = False
 
-    def __init__(self, batch: Batch, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, clock: Clock, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        self.batch, self.keys, self.values, self.is_initialized = batch, keys, values, True
+        self.clock, self.keys, self.values, self.is_initialized = clock, keys, values, True
 
     def lazy_initialization(self, key_states, value_states) -> None:
         """Storage is allocated by the batch, never lazily."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        t = self.batch.t
+        t = self.clock.t
         self.keys[:, :, t] = key_states[:, :, 0]  # (rows, kv_heads, 1, head_dim) -> column t
         self.values[:, :, t] = value_states[:, :, 0]
         return self.keys[:, :, :t + 1], self.values[:, :, :t + 1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.batch.t + query_length, 0
+        return self.clock.t + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.batch.t
+        return self.clock.t
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
@@ -45,13 +55,22 @@ class Batch(Cache):
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
                  positions: torch.Tensor, t: int):
-        super().__init__(layers=[SlotLayer(self, k, v) for k, v in zip(keys, values)])
+        self._clock = Clock(t)
+        super().__init__(layers=[SlotLayer(self._clock, k, v) for k, v in zip(keys, values)])
         self.valid = valid            # (rows, capacity) bool: column holds a token of that row
         self.positions = positions    # (rows,) long: the position of each row's next token
-        self.t = t                    # columns in use; the next token of every row goes to column t
         self.bias: torch.Tensor | None = None  # (rows, capacity) additive mask made from `valid`, kept across steps
         self._mask_of: torch.Tensor | None = None  # the bias that _mask views
         self._mask: torch.Tensor | None = None
+
+    @property
+    def t(self) -> int:
+        """Columns in use; the next token of every row goes to column t."""
+        return self._clock.t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        self._clock.t = value
 
     @property
     def rows(self) -> int:

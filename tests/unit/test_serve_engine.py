@@ -287,3 +287,34 @@ def test_the_model_loads_on_the_decode_thread_and_a_failed_load_leaves_no_thread
     decoder, events = run(main())
     assert loaders == [decoder, decoder] and events[-1].completion_tokens == 3
     assert not [t for t in threading.enumerate() if t.name == decoder]
+
+
+def test_batches_the_scheduler_drops_free_their_cache_at_once(llama_dir):
+    """Jobs joining and leaving rebuild the batch (merge); each replaced batch must free its keys and values when
+    dropped, not linger in a reference cycle until the garbage collector's next pass (with the collector off here,
+    a cycle would leave every replaced batch alive)."""
+    import gc
+
+    from lifecycle.serve.batch import Batch
+
+    async def main():
+        async with serving(llama_dir) as engine:
+            await collect(engine, ask(engine, PROMPTS[0], max_tokens=4))
+            gc.collect()
+            gc.disable()
+            try:
+                before = sum(isinstance(o, Batch) for o in gc.get_objects())
+                started = asyncio.Event()
+
+                async def leader():
+                    async for event in engine.generate(ask(engine, PROMPTS[0], max_tokens=30)):
+                        started.set()
+                await asyncio.gather(leader(), *(collect(engine, ask(engine, p, max_tokens=3 + 4 * i), started)
+                                                 for i, p in enumerate(PROMPTS[1:])))
+                await wait_idle(engine)
+                return before, sum(isinstance(o, Batch) for o in gc.get_objects())
+            finally:
+                gc.enable()
+
+    before, after = run(main())
+    assert after <= before + 1, (before, after)  # at most the last batch, kept by an idle group
