@@ -35,6 +35,7 @@ Biases (qwen2's q/k/v, llama's attention_bias and mlp_bias) are fused with their
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from functools import partial
@@ -135,6 +136,8 @@ class FastDecoder:
         self.head = self._single(model.lm_head)
         self.head_tensors = _tensors(self.head)
         self.layers = [self._layer(layer, config.intermediate_size) for layer in model.model.layers]
+        if self.transpose:
+            self._release_checkpoint(model)
         self.compiled = None
         self.native = None
         if native:
@@ -146,6 +149,17 @@ class FastDecoder:
                 log.info("decode: compile skipped (int8 modules); the eager fast path serves this model")
             else:
                 self._compile()
+
+    def _release_checkpoint(self, model) -> None:
+        """Copy what the fusion left in place (embeddings, norms, a single projection's bias) too. A checkpoint is
+        loaded as views of its memory-mapped file; the copies above read every page of it, and the whole mapping
+        stays resident while any tensor still views it: a 120M Llama's process held 1,305 MB after this init, the
+        file's 456 MB included, and 849 MB once nothing viewed it."""
+        fused = {id(param) for param, _ in self.fused}
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                if id(tensor) not in fused and tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
 
     def _native(self, model, mode: bool | str):
         """The C step (lifecycle.serve.native), or None where it cannot run and mode is "auto" (logged why)."""

@@ -3,6 +3,7 @@ capacity growth, per supported family; the engine's greedy output with it on and
 from __future__ import annotations
 
 import asyncio
+import os
 import copy
 
 import pytest
@@ -200,3 +201,31 @@ def test_the_compiled_step_equals_the_hf_forward_and_never_recompiles(family, to
 def test_int8_models_are_not_compiled(tokenizer):
     model = random_model("llama_int8")
     assert ServedModel(model, tokenizer, "base", compile=True).fast.compiled is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux)")
+@pytest.mark.parametrize("family", ["llama_biases", "llama_tied"])
+def test_the_fast_path_leaves_no_weight_viewing_the_checkpoint_file(family, tmp_path):
+    """Weights load as views of the memory-mapped checkpoint. The fast path copies the projections, reading every
+    page of the file, so it copies the rest too: nothing may still view the file, which would keep it all mapped
+    and resident beside the copies. The outputs stay the HF forward's."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    random_model(family).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    checkpoint = str(tmp_path / "m" / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        return checkpoint in open("/proc/self/maps").read()
+
+    assert mapped()  # the control: loading maps the file
+    ids = torch.tensor([[3, 7, 11, 19]])
+    with torch.no_grad():
+        before = model(ids).logits
+        step = fastpath.build(model)
+        assert step is not None and not mapped()
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)
+        assert not step.stale()
