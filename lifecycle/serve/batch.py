@@ -1,8 +1,10 @@
 """The KV cache of the jobs decoded together: one preallocated tensor per layer, rows left-padded to a shared column.
 
 Every running row writes its next key/value at the same column `t`, so a decode step is one forward over all rows
-with a per-row position and a padding mask; nothing is re-padded per step. The storage is rebuilt (one copy) only
-when a job joins or leaves, or when the preallocated columns run out.
+with a per-row position and a padding mask; nothing is re-padded per step. A newcomer whose prompt fits before
+column t takes over a finished job's row (adopt: that row alone rewritten); otherwise the storage is rebuilt (merge,
+one copy of every row kept) when jobs join, when finished rows outnumber live ones, or when the preallocated columns
+run out.
 """
 from __future__ import annotations
 
@@ -143,6 +145,32 @@ class Batch(Cache):
         """After k decode steps: every row wrote columns t .. t + k - 1."""
         self.t += k
         self.positions += k
+
+    def fits(self, src: Batch, src_row: int) -> bool:
+        """Whether adopt(row, src, src_row) can place that prompt: it must end at column t, so start at or after 0."""
+        return int(src.positions[src_row]) <= self.t
+
+    def adopt(self, row: int, src: Batch, src_row: int) -> None:
+        """Row `row` (a finished job's) takes over src's row `src_row`, a prefilled prompt of n tokens, ending at
+        column t as if it had joined by merge: its keys and values copied into columns t - n .. t - 1, the columns
+        before them zeroed and masked, its next position n. Only that row's storage is written, where a merge
+        copies every row. Needs fits(src, src_row)."""
+        n, t, end = int(src.positions[src_row]), self.t, src.t
+        for mine, theirs in zip(self.layers, src.layers):
+            for dst, source in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                dst[row, :, :t - n].zero_()  # masked, but a NaN left there would still poison the HF path's sums
+                dst[row, :, t - n:t] = source[src_row, :, end - n:end]
+        self.valid[row].zero_()
+        self.valid[row, t - n:t] = True
+        self.positions[row] = n
+        if self.bias is not None:
+            self.bias[row].fill_(torch.finfo(self.bias.dtype).min)
+            self.bias[row, t - n:t] = 0
+
+    def trimmable(self, rows: list[int]) -> bool:
+        """Whether a merge of `rows` would be smaller than this batch: other rows dropped, or leading columns none
+        of them uses."""
+        return len(rows) < self.rows or _first_used(self, rows) > 0
 
     def _grow(self, k: int = 1) -> None:
         columns = self.t + max(GROW, k)

@@ -229,3 +229,42 @@ def test_the_fast_path_leaves_no_weight_viewing_the_checkpoint_file(family, tmp_
         assert step is not None and not mapped()
         assert torch.allclose(model(ids).logits, before, atol=1e-5)
         assert not step.stale()
+
+
+@pytest.mark.parametrize("settings", [dict(fast_decode=True, run_ahead_ms=0), dict(fast_decode=False, run_ahead_ms=0),
+                                      dict(fast_decode=True)], ids=["fast", "hf", "run-ahead"])
+def test_newcomers_taking_finished_jobs_rows_decode_as_if_alone(sharp_llama_dir, settings, monkeypatch):
+    """A finished job leaves its row to the next newcomer (Batch.adopt rewrites that row alone, no merge). On a
+    model with peaked attention the newcomers' greedy tokens equal those they get alone only if the adopted row's
+    keys, values, mask and positions are right; the merge count shows the rows were adopted, not rebuilt."""
+    adopted, real_adopt = [], batch_module.Batch.adopt
+    monkeypatch.setattr(batch_module.Batch, "adopt", lambda self, *a: adopted.append(a[0]) or real_adopt(self, *a))
+
+    async def main():
+        async with serving(sharp_llama_dir, **settings) as engine:
+            newcomers = [PROMPTS[3], PROMPTS[0], PROMPTS[3]]
+            alone = [tokens(await collect(engine, ask(engine, p, max_tokens=12))) for p in newcomers]
+            lead_alone = tokens(await collect(engine, ask(engine, PROMPTS[2], max_tokens=100)))
+            assert not adopted
+            lead, ready = [], asyncio.Event()
+
+            async def leader():  # decoding while the others come and go beside it
+                async for event in engine.generate(ask(engine, PROMPTS[2], max_tokens=100)):
+                    lead.extend(event.token_ids)
+                    if len(lead) >= 10:
+                        ready.set()
+
+            async def short_then_newcomers():
+                await collect(engine, ask(engine, PROMPTS[4], max_tokens=3))  # its row then stays, finished
+                await ready.wait()
+                got = []
+                for p in newcomers:  # each takes the row the one before it left
+                    got.append(tokens(await collect(engine, ask(engine, p, max_tokens=12))))
+                return got
+
+            together = await asyncio.gather(leader(), short_then_newcomers())
+            return alone, together[1], lead_alone, lead
+
+    alone, got, lead_alone, lead = run(main())
+    assert got == alone and lead == lead_alone and len(lead) == 100
+    assert adopted == [1, 1, 1]  # each newcomer took the row its predecessor (first the short job) left
