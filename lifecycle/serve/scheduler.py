@@ -59,8 +59,9 @@ class Group:
     """The jobs of one model name (base or adapter), decoded by one forward per step. jobs[r] owns row r of the
     batch; a finished job keeps its row (done, its outputs ignored) until a newcomer takes the row over
     (Batch.adopt: that row's storage rewritten) or the group is compacted (a merge: every live row copied), which
-    happens once finished rows outnumber the live ones. Rebuilding the batch at every join and leave had taken a
-    quarter of the wall time of 64 staggered requests on a 120M Llama (225 merges, 12.7 of ~53 s)."""
+    happens once finished rows are more than half as many as live ones. Rebuilding the batch at every join and
+    leave had taken a quarter of the wall time of 64 staggered requests on a 120M Llama (225 merges, 12.7 of
+    ~53 s)."""
     jobs: list[Job] = field(default_factory=list)
     batch: Batch | None = None
     step_seconds: float | None = None  # moving average of one decode step's wall time (all rows)
@@ -355,12 +356,13 @@ class Scheduler:
             self.job_seconds = 0.8 * self.job_seconds + 0.2 * (time.monotonic() - job.started)
 
     def _settle(self, name: str, compact: bool = False) -> None:
-        """After jobs of group `name` finished: drop the group if none runs, compact it if `compact` or if finished
-        rows outnumber live ones (stepping them would cost more than one copy of the live rows), else keep them for
+        """After jobs of group `name` finished: drop the group if none runs; compact it if `compact` or if finished
+        rows are more than half as many as live ones (each step pays for them; a compaction copies the live rows
+        once, cheap when they are few: one live row then gets the one-row kernels back); else keep them for
         newcomers."""
         group = self.groups[name]
         live = sum(not job.done for job in group.jobs)
-        if compact or not live or len(group.jobs) - live > live:
+        if compact or not live or 2 * (len(group.jobs) - live) > live:
             self._compact(name)
 
     def _compact(self, name: str) -> None:
