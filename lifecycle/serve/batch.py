@@ -3,8 +3,8 @@
 Every running row writes its next key/value at the same column `t`, so a decode step is one forward over all rows
 with a per-row position and a padding mask; nothing is re-padded per step. A newcomer whose prompt fits before
 column t takes over a finished job's row (adopt: that row alone rewritten); otherwise the storage is rebuilt (merge,
-one copy of every row kept) when jobs join, when finished rows are over half as many as live ones, or when the preallocated columns
-run out.
+one copy of every row kept) when jobs join, when finished rows are over half as many as live ones, or when the
+preallocated columns run out.
 """
 from __future__ import annotations
 

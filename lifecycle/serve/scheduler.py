@@ -66,6 +66,10 @@ class Group:
     batch: Batch | None = None
     step_seconds: float | None = None  # moving average of one decode step's wall time (all rows)
 
+    def live_rows(self) -> list[int]:
+        """The rows whose jobs are still running."""
+        return [r for r, job in enumerate(self.jobs) if not job.done]
+
 
 class Scheduler:
     """Owns the model between steps; everything that touches it runs on this thread."""
@@ -218,7 +222,7 @@ class Scheduler:
                 joining.remove(i)
         if not joining:
             return
-        live = [r for r, job in enumerate(group.jobs) if not job.done]
+        live = group.live_rows()
         old = [(group.batch, live)] if group.batch is not None else []
         group.jobs = [group.jobs[r] for r in live] + [jobs[i] for i in joining]
         group.batch = merge([*old, (batch, joining)])
@@ -227,8 +231,7 @@ class Scheduler:
         """One decode step for every row of group `name`, or several in one call (_run_ahead) where it may."""
         group = self.groups[name]
         k = self._run_ahead(name, group)
-        if group.batch.t + k > group.batch.valid.shape[1] and group.batch.trimmable([
-                r for r, job in enumerate(group.jobs) if not job.done]):
+        if group.batch.t + k > group.batch.valid.shape[1] and group.batch.trimmable(group.live_rows()):
             self._compact(name)  # out of columns: one copy either way, and this one drops finished rows too
         jobs = group.jobs
         finished = [r for r, job in enumerate(jobs) if job.done]
@@ -277,13 +280,13 @@ class Scheduler:
         control call, and the model can (ServedModel.runs_ahead: the C step, and sampled rows drawn in C by the
         same rule as single steps, so a seed's tokens do not depend on the load). On a small model a step in C
         takes ~0.5 ms and the Python around it (this loop, the events, the event loop's thread taking the GIL)
-        ~0.3 ms more; taken k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop string,
-        max_tokens) keeps the tokens up to its end; the steps after it are discarded. Cancellations, deadlines
-        and newcomers wait at most one run."""
+        ~0.3 ms more; taken k at a time, that is paid once per k tokens. A job that ends inside the run (EOS, a stop
+        string, max_tokens) keeps the tokens up to its end; the steps after it are discarded. Cancellations,
+        deadlines and newcomers wait at most one run. Finished jobs' rows count for nothing here."""
         if (not self.run_ahead or group.step_seconds is None or self.controls
                 or (self.pending and self.running < self.max_batch_size)):
             return 1
-        live = [j for j in group.jobs if not j.done]
+        live = [group.jobs[r] for r in group.live_rows()]
         k = min(RUN_AHEAD_MAX, int(self.run_ahead / max(group.step_seconds, 1e-6)),
                 max(j.request.sampling.max_tokens - j.completion for j in live))
         if k < 2 or any(j.request.sampling.logprobs for j in live):  # None or 0: the run gives them
@@ -361,14 +364,14 @@ class Scheduler:
         once, cheap when they are few: one live row then gets the one-row kernels back); else keep them for
         newcomers."""
         group = self.groups[name]
-        live = sum(not job.done for job in group.jobs)
+        live = len(group.live_rows())
         if compact or not live or 2 * (len(group.jobs) - live) > live:
             self._compact(name)
 
     def _compact(self, name: str) -> None:
         """Rebuild group `name` without its finished rows; running counts already dropped in _retire."""
         group = self.groups[name]
-        keep = [i for i, j in enumerate(group.jobs) if not j.done]
+        keep = group.live_rows()
         if not keep:
             del self.groups[name]
             return
