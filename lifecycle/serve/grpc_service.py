@@ -22,7 +22,7 @@ from lifecycle.serve.metrics import ServeMetrics
 from lifecycle.serve.protocol import (
     Engine, EngineError, Event, GenerationRequest, ModelNotFound, NotReady, Overloaded, Sampling, TokenLogprob,
 )
-from lifecycle.serve.usage import UsageMeter, UsageRecord, request_stats
+from lifecycle.serve.usage import UsageMeter, UsageRecord, mean_logprob, request_stats
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -192,12 +192,11 @@ class _Call:
         if self.key_id is None:
             return
         output = "".join(self.text)
-        lps = [t.logprob for t in self.logprobs if t.logprob is not None]
         svc.meter.record(UsageRecord(
             key_id=self.key_id, model=self.model, frontend=FRONTEND, route=self.route,
             status=HTTP_TWIN.get(self.code, 500), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             latency_ms=seconds * 1e3, ttft_ms=None if ttft is None else ttft * 1e3, finish_reason=self.finish_reason,
-            mean_logprob=sum(lps) / len(lps) if lps else None, request_id=self.id,
+            mean_logprob=mean_logprob(self.logprobs), request_id=self.id,
             stats=request_stats(self.prompt, output, self.prompt_ids, self.token_ids) if self.prompt_ids else None,
             text={"prompt": self.prompt, "output": output}, ts=self.ts))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from lifecycle.serve.fanout import Choice, Fanout
 from lifecycle.serve.limits import FRONTEND, outcome_of
-from lifecycle.serve.usage import UsageRecord, request_stats
+from lifecycle.serve.usage import UsageRecord, mean_logprob, request_stats
 
 # The HTTP status a usage row carries for a streamed request that answered 200 but did not end well.
 STREAM_STATUS = {"timeout": 504, "error": 500, "cancelled": 499}
@@ -42,8 +42,7 @@ class Tally:
             per_choice = max(c.completion_tokens for c in choices)
             if per_choice > 1:
                 self.tpot = (fan.last_token_at - fan.first_token_at) / (per_choice - 1)
-        lps = [e.logprob for c in choices for e in c.logprobs if e.logprob is not None]
-        self.mean_logprob = sum(lps) / len(lps) if lps else None
+        self.mean_logprob = mean_logprob(e for c in choices for e in c.logprobs)
         if prompts and choices:
             (prompt, ids), out = prompts[0], choices[0]
             self.stats = request_stats(prompt, out.text, ids, out.token_ids)

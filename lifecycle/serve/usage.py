@@ -72,6 +72,13 @@ class UsageRecord:
     request_id: str | None = None
 
 
+def mean_logprob(entries) -> float | None:
+    """The mean log-prob of generated tokens (TokenLogprob entries), what the monitor reads as the model's
+    confidence; None when none has one."""
+    lps = [e.logprob for e in entries if e.logprob is not None]
+    return sum(lps) / len(lps) if lps else None
+
+
 def request_stats(prompt: str, output: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
     """What the drift monitor compares with the corpus profile, without keeping the text itself."""
     return {"prompt_chars": len(prompt), "output_chars": len(output), "prompt_token_ids": prompt_ids[:512],
