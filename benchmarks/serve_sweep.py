@@ -2,8 +2,8 @@
 
 All servers serve the same model directory and stay up together; for each rate (requests/s) the same seeded
 Poisson schedule of `--requests` streaming `/v1/completions` (a `--prompt-tokens` prompt cut from stdlib source,
-`--max-tokens` out, greedy unless --temperature says otherwise: OpenAI clients sample at 1 by default) is sent to each server in turn, open loop (a request is sent at its arrival time
-whatever is still running). Per server and rate: p50/p99 TTFT, p50/p99 time per output token (TPOT: (end - first
+`--max-tokens` out, greedy unless --temperature says otherwise: OpenAI clients sample at 1 by default) is sent
+to each server in turn, open loop (a request is sent at its arrival time whatever is still running). Per server and rate: p50/p99 TTFT, p50/p99 time per output token (TPOT: (end - first
 token) / (tokens - 1)), output tokens/s, failures. The figure of merit is the highest rate meeting the SLO (p99 TTFT
 <= --ttft-ms and p99 TPOT <= --tpot-ms with no failures); goal: ours >= 1x the best peer's. A server stops being
 swept after two rates that miss the SLO (the load is bounded). Peers, each skipped with the reason if missing:
