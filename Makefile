@@ -58,8 +58,14 @@ bench-peers:
 	  transformers==5.24.0 sentencepiece pyyaml
 	$(BENCH_VENV)/bin/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(BENCH_VENV)/src
 	tar xzf $(BENCH_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(BENCH_VENV)/src
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	  -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+	# Each instruction set only where /proc/cpuinfo lists it (AMD's Zen 4 has AVX512-VNNI but not the VEX AVX-VNNI,
+	# which would fault there); AMX always off (GGML_NATIVE=ON used it on the Intel host and q8_0 segfaulted).
+	flags=" $$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null) "; \
+	on() { case "$$flags" in *" $$1 "*) echo ON;; *) echo OFF;; esac; }; \
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=$$(on avx) -DGGML_AVX2=$$(on avx2) -DGGML_FMA=$$(on fma) \
+	  -DGGML_F16C=$$(on f16c) -DGGML_AVX512=$$(on avx512f) -DGGML_AVX512_VBMI=$$(on avx512vbmi) \
+	  -DGGML_AVX512_VNNI=$$(on avx512_vnni) -DGGML_AVX512_BF16=$$(on avx512_bf16) -DGGML_AVX_VNNI=$$(on avx_vnni) \
+	  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
 	  $(BENCH_VENV)/bin/pip install "$(BENCH_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz[server]"
 
 clean:

@@ -32,6 +32,7 @@ import torch
 from lifecycle.serve import hugepages
 
 SOURCE = Path(__file__).with_name("native_step.c")
+CPUINFO = Path("/proc/cpuinfo")  # what the build's digest names the CPU by (_cpu)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")  # GCC keeps 256-bit vectors on AVX-512 CPUs otherwise
@@ -87,13 +88,19 @@ def _compiler() -> str:
 
 
 def _cpu() -> str:
+    """What -march=native compiles for: the first CPU's model name and instruction-set flags. Both: a virtual
+    machine's model name can be as vague as "AMD EPYC" across generations, and a library built for one CPU's
+    instructions dies with SIGILL on a CPU without them (a home directory shared between machines)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "model name")):
-                return line
+        lines = CPUINFO.read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    found = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in found:
+            found[key] = line
+    return "\n".join(found.values()) or platform.processor() or platform.machine()
 
 
 def _build() -> Path:

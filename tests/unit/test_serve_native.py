@@ -181,6 +181,22 @@ def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no partial file left
 
 
+def test_the_build_is_named_by_the_cpus_instructions_not_only_its_model_name(tmp_path, monkeypatch):
+    """Two virtual machines both called "AMD EPYC" (one with AVX-512, one without) must not share a library built
+    with -march=native: the other would die of SIGILL."""
+    names = []
+    for flags in ("fpu sse2 avx2 avx512f avx512_vnni", "fpu sse2 avx2"):
+        info = tmp_path / f"cpuinfo-{len(names)}"
+        info.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+                        f"model name\t: AMD EPYC\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(native, "CPUINFO", info)
+        names.append(native._cpu())
+    assert names[0] != names[1]
+    assert "AMD EPYC" in names[0] and "avx512f" in names[0]
+    monkeypatch.setattr(native, "CPUINFO", tmp_path / "missing")
+    assert native._cpu()  # no /proc/cpuinfo: the platform's name
+
+
 def test_without_a_compiler_auto_keeps_the_torch_step_and_true_says_why(tokenizer, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("LIFECYCLE_NATIVE_CACHE", str(tmp_path))
