@@ -225,14 +225,17 @@ class Scheduler:
         live = group.live_rows()
         old = [(group.batch, live)] if group.batch is not None else []
         group.jobs = [group.jobs[r] for r in live] + [jobs[i] for i in joining]
-        group.batch = merge([*old, (batch, joining)])
+        group.batch = merge([*old, (batch, joining)], self._room(name, group))
 
     def _step(self, name: str) -> None:
         """One decode step for every row of group `name`, or several in one call (_run_ahead) where it may."""
         group = self.groups[name]
         k = self._run_ahead(name, group)
-        if group.batch.t + k > group.batch.valid.shape[1] and group.batch.trimmable(group.live_rows()):
-            self._compact(name)  # out of columns: one copy either way, and this one drops finished rows too
+        if group.batch.t + k > group.batch.valid.shape[1]:  # out of columns: one copy either way
+            if group.batch.trimmable(group.live_rows()):
+                self._compact(name)  # this one drops finished rows and unused leading columns too
+            else:
+                group.batch.grow(max(k, self._room(name, group)))
         jobs = group.jobs
         finished = [r for r, job in enumerate(jobs) if job.done]
         if finished:  # their rows run on unread; at position 0, so none outgrows the rope table
@@ -376,7 +379,14 @@ class Scheduler:
             del self.groups[name]
             return
         group.jobs = [group.jobs[i] for i in keep]
-        group.batch = merge([(group.batch, keep)])
+        group.batch = merge([(group.batch, keep)], self._room(name, group))
+
+    def _room(self, name: str, group: Group) -> int:
+        """Columns for a rebuilt batch of `group` to reserve past its last: what its running jobs may still write
+        (the most tokens any has left), as ServedModel.room allows. Reserved up front, a batch is not copied again
+        until newcomers that need more have joined it."""
+        need = max((j.request.sampling.max_tokens - j.completion for j in group.jobs if not j.done), default=0)
+        return self.served.room(name, need)
 
     def _fail_group(self, name: str, error: str) -> None:
         for job in self.groups.pop(name).jobs:

@@ -8,7 +8,7 @@ import torch
 
 from lifecycle.errors import CheckpointError
 from lifecycle.serve import fastpath
-from lifecycle.serve.batch import Batch
+from lifecycle.serve.batch import GROW, Batch
 from lifecycle.serve.protocol import EngineError, ModelNotFound
 from lifecycle.serve.sampler import Sampler, TokenTexts
 
@@ -25,6 +25,10 @@ from lifecycle.serve.sampler import Sampler, TokenTexts
 NATIVE_PREFILL_LONGEST = 192
 NATIVE_PREFILL_TOKENS = 1024
 NATIVE_PREFILL_INT8_FLOPS = 2e9
+
+# Columns a rebuilt batch reserves past its last at most (ServedModel.room): 2,048 x 8 rows x 12 layers of a 120M
+# Llama's keys and values is 1.2 GB of address space, none of it memory until written.
+ROOM_MAX = 2048
 
 # Adapter types that wrap layers and switch per forward with set_adapter / disable_adapter_layers.
 SERVABLE = ("LORA", "IA3", "BOTTLENECK")
@@ -122,6 +126,16 @@ class ServedModel:
                              use_cache=True).logits[:, -1]
         batch.advance()
         return logits
+
+    def room(self, name: str, need: int) -> int:
+        """Columns to reserve past a rebuilt batch's t for model `name`'s rows, which may write `need` more each:
+        all of them (up to ROOM_MAX) on the CPU, where reserved columns cost nothing until written (batch._zeros) and
+        a batch that runs out is copied whole; GROW under the compiled torch step, which attends over every reserved
+        column, and off the CPU, where storage is allocated for real."""
+        fast = self._fast() if name == self.base_name else None
+        if self.device.type != "cpu" or (fast is not None and fast.native is None and fast.compiled is not None):
+            return GROW
+        return min(max(need, GROW), ROOM_MAX)
 
     def runs_ahead(self, name: str) -> bool:
         """Whether `name`'s rows can take several steps in one call (decode_run): the base model under the C step,

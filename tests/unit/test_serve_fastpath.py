@@ -67,6 +67,7 @@ def lockstep(fast: ServedModel, slow: ServedModel, steps: int) -> tuple[float, i
 @pytest.fixture
 def small_grow(monkeypatch):
     monkeypatch.setattr(batch_module, "GROW", 4)  # a capacity growth every 4 steps
+    monkeypatch.setattr(batch_module, "LAZY_BYTES", 0)  # and every storage a lazily zeroed mapping (batch._zeros)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -135,6 +136,18 @@ def sharp_llama_dir(tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(**{**DIMS, "vocab_size": len(tokenizer)}, num_key_value_heads=2, initializer_range=0.3)
     directory = tmp_path_factory.mktemp("root") / "sharp"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sharp_long_llama_dir(tokenizer, tmp_path_factory):
+    """sharp_llama_dir's model with a 512-token context: long jobs that outlast everything that runs beside them."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**DIMS, "vocab_size": len(tokenizer), "max_position_embeddings": 512},
+                         num_key_value_heads=2, initializer_range=0.3)
+    directory = tmp_path_factory.mktemp("root") / "sharp-long"
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -233,32 +246,33 @@ def test_the_fast_path_leaves_no_weight_viewing_the_checkpoint_file(family, tmp_
 
 @pytest.mark.parametrize("settings", [dict(fast_decode=True, run_ahead_ms=0), dict(fast_decode=False, run_ahead_ms=0),
                                       dict(fast_decode=True)], ids=["fast", "hf", "run-ahead"])
-def test_newcomers_taking_finished_jobs_rows_decode_as_if_alone(sharp_llama_dir, settings, monkeypatch):
+def test_newcomers_taking_finished_jobs_rows_decode_as_if_alone(sharp_long_llama_dir, settings, monkeypatch):
     """A finished job leaves its row to the next newcomer (Batch.adopt rewrites that row alone, no merge). On a
     model with peaked attention the newcomers' greedy tokens equal those they get alone only if the adopted row's
-    keys, values, mask and positions are right; the merge count shows the rows were adopted, not rebuilt."""
+    keys, values, mask and positions are right; the adopt calls show the rows were adopted, not rebuilt."""
     adopted, real_adopt = [], batch_module.Batch.adopt
     monkeypatch.setattr(batch_module.Batch, "adopt", lambda self, *a: adopted.append(a[0]) or real_adopt(self, *a))
 
     async def main():
-        async with serving(sharp_llama_dir, **settings) as engine:
+        async with serving(sharp_long_llama_dir, **settings) as engine:
             newcomers = [PROMPTS[3], PROMPTS[0], PROMPTS[3]]
             alone = [tokens(await collect(engine, ask(engine, p, max_tokens=12))) for p in newcomers]
             leaders = [PROMPTS[2], PROMPTS[4]]
-            lead_alone = [tokens(await collect(engine, ask(engine, p, max_tokens=100))) for p in leaders]
+            lead_alone = [tokens(await collect(engine, ask(engine, p, max_tokens=300))) for p in leaders]
             assert not adopted
-            lead, ready = [[], []], asyncio.Event()
+            lead, running = [[], []], [asyncio.Event(), asyncio.Event()]
 
             async def leader(i):  # two long jobs decoding while the others come and go beside them (one finished
-                # row beside two live ones is kept for a newcomer; beside one it would be compacted away)
-                async for event in engine.generate(ask(engine, leaders[i], max_tokens=100)):
+                # row beside two live ones is kept for a newcomer; beside one it would be compacted away). Long
+                # enough to outlast them even when each arrival waits for a run of steps (run-ahead).
+                async for event in engine.generate(ask(engine, leaders[i], max_tokens=300)):
                     lead[i].extend(event.token_ids)
                     if len(lead[i]) >= 10:
-                        ready.set()
+                        running[i].set()
 
             async def short_then_newcomers():
+                await asyncio.gather(*(r.wait() for r in running))  # both leaders in the batch first
                 await collect(engine, ask(engine, PROMPTS[4], max_tokens=3))  # its row then stays, finished
-                await ready.wait()
                 got = []
                 for p in newcomers:  # each takes the row the one before it left
                     got.append(tokens(await collect(engine, ask(engine, p, max_tokens=12))))
@@ -268,6 +282,6 @@ def test_newcomers_taking_finished_jobs_rows_decode_as_if_alone(sharp_llama_dir,
             return alone, together[2], lead_alone, lead
 
     alone, got, lead_alone, lead = run(main())
-    assert got == alone and lead == lead_alone and list(map(len, lead)) == [100, 100]
+    assert got == alone and lead == lead_alone and list(map(len, lead)) == [300, 300]
     assert len(adopted) == 3 and len(set(adopted)) == 1  # each newcomer took the row its predecessor (first the
     # short job) left

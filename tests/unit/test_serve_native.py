@@ -25,6 +25,7 @@ FLOAT_FAMILIES = [f for f in FAMILIES if f != "llama_int8"]
 @pytest.fixture
 def small_grow(monkeypatch):
     monkeypatch.setattr(batch_module, "GROW", 4)  # a capacity growth every 4 steps: the cache pointers change
+    monkeypatch.setattr(batch_module, "LAZY_BYTES", 0)  # and every storage a lazily zeroed mapping (batch._zeros)
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
