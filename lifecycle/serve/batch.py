@@ -6,22 +6,19 @@ column t takes over a finished job's row (adopt: that row alone rewritten); othe
 one copy of every row kept) when jobs join, when finished rows are over half as many as live ones, or when the
 preallocated columns run out.
 
-Storage on the CPU is an anonymous memory mapping (_zeros): the OS hands out zeroed pages as they are first written,
-so the columns a rebuild reserves ahead (`room`: what the rows may still write, see Scheduler._room) cost no memory
-and no time until a step writes them, and a rebuild writes only the columns it copies. Before, every rebuild zeroed
-its whole new storage (first-touch page faults: zeroing 738 MB took 168-192 ms on fresh pages, against 49-52 ms on
-pages already touched), and a batch that ran out of columns was copied into one 64 columns wider, every 64 steps.
+A rebuild reserves `room` columns past t, what the rows may still write (Scheduler._room), so a batch is not copied
+again while its jobs run (it had been copied into storage 64 columns wider every 64 steps). The storage is left
+uninitialised (_empty) except columns before t that hold no copied key: every step writes column t before it reads
+it, so no column past t is read before it is written, and the room costs neither a zeroing pass nor, where the
+allocator maps fresh memory for it, any memory until a step reaches it. The exception is the compiled torch step,
+which attends over every column (masked): its batches are zeroed whole (`zeroed`).
 """
 from __future__ import annotations
-
-import math
-import mmap
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 GROW = 64  # spare columns at least, allocated at each rebuild: a rebuild per 64 decode steps at most
-LAZY_BYTES = 1 << 20  # storage from this size up is a lazily zeroed mapping (_zeros); smaller, torch.zeros
 
 
 class Clock:
@@ -66,8 +63,9 @@ class Batch(Cache):
     """Rows of running jobs: their KV storage, which columns hold real tokens, and each row's next position."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
-                 positions: torch.Tensor, t: int):
+                 positions: torch.Tensor, t: int, zeroed: bool = False):
         self._clock = Clock(t)
+        self.zeroed = zeroed  # columns past t hold zeros, not garbage: for a step that reads them (module docstring)
         super().__init__(layers=[SlotLayer(self._clock, k, v) for k, v in zip(keys, values)])
         self.valid = valid            # (rows, capacity) bool: column holds a token of that row
         self.positions = positions    # (rows,) long: the position of each row's next token
@@ -90,7 +88,8 @@ class Batch(Cache):
 
     @classmethod
     def from_prefill(cls, cache: Cache, valid: torch.Tensor) -> Batch:
-        """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width)."""
+        """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width). Its
+        spare columns are zeros (whether later copies keep them so is `zeroed`'s business)."""
         rows, width = valid.shape
         pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
         # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.
@@ -99,12 +98,12 @@ class Batch(Cache):
         return cls(keys, values, _with_capacity(valid, width + GROW), valid.sum(1), width)
 
     @classmethod
-    def from_packed(cls, cache: Cache, lengths: list[int]) -> Batch:
+    def from_packed(cls, cache: Cache, lengths: list[int], zeroed: bool = False) -> Batch:
         """Rows from a packed prefill's cache: prompts of `lengths` one after another in a single sequence
         ((1, kv_heads, sum(lengths), head_dim) per layer), each copied once into its own row, left-padded (the
         padding columns are the storage's zeros)."""
         first = cache.layers[0].keys
-        batch = cls.empty(lengths, len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device)
+        batch = cls.empty(lengths, len(cache.layers), first.shape[1], first.shape[3], first.dtype, first.device, zeroed)
         width, start = batch.t, 0
         for row, n in enumerate(lengths):
             for layer, mine in zip(cache.layers, batch.layers):
@@ -115,17 +114,18 @@ class Batch(Cache):
 
     @classmethod
     def empty(cls, lengths: list[int], layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-              device: torch.device | str = "cpu") -> Batch:
-        """Zeroed storage for prompts of `lengths`, one row each, left-padded to the longest (their padding masked),
-        for a prefill that writes keys and values in place (NativeStep.prefill) or copies them in (from_packed)."""
+              device: torch.device | str = "cpu", zeroed: bool = False) -> Batch:
+        """Storage for prompts of `lengths`, one row each, left-padded to the longest (their padding masked and
+        zeroed), for a prefill that writes keys and values in place (NativeStep.prefill) or copies them in
+        (from_packed)."""
         rows, width = len(lengths), max(lengths)
         valid = torch.zeros(rows, width + GROW, dtype=torch.bool, device=device)
         for row, n in enumerate(lengths):
             valid[row, width - n:width] = True
-        shape = (rows, kv_heads, width + GROW, head_dim)
-        keys = [_zeros(shape, dtype, device) for _ in range(layers)]
-        values = [_zeros(shape, dtype, device) for _ in range(layers)]
-        batch = cls(keys, values, valid, torch.tensor(lengths, device=device), width)
+        shape, upto = (rows, kv_heads, width + GROW, head_dim), None if zeroed else width
+        keys = [_storage(shape, dtype, device, upto) for _ in range(layers)]
+        values = [_storage(shape, dtype, device, upto) for _ in range(layers)]
+        batch = cls(keys, values, valid, torch.tensor(lengths, device=device), width, zeroed)
         batch.claim(0, dtype)  # the additive mask
         return batch
 
@@ -186,8 +186,8 @@ class Batch(Cache):
         """Copy the storage into one with `room` columns (GROW at least) past t: columns 0 .. t - 1 copied."""
         columns, t = self.t + max(GROW, room), self.t
         for layer in self.layers:
-            layer.keys = _copy_into(layer.keys, columns, t)
-            layer.values = _copy_into(layer.values, columns, t)
+            layer.keys = _copy_into(layer.keys, columns, t, self.zeroed)
+            layer.values = _copy_into(layer.values, columns, t, self.zeroed)
         self.valid = _with_capacity(self.valid, columns)
         self.bias = None
 
@@ -202,21 +202,23 @@ def merge(parts: list[tuple[Batch, list[int]]], room: int = 0) -> Batch | None:
     t = max(spans)
     n_rows = sum(len(rows) for _, rows in parts)
     first = parts[0][0]
-    columns = t + max(GROW, room)
-    keys = [_empty_like(layer.keys, n_rows, columns) for layer in first.layers]
-    values = [_empty_like(layer.values, n_rows, columns) for layer in first.layers]
+    columns, zeroed = t + max(GROW, room), any(batch.zeroed for batch, _ in parts)
+    keys = [_like(layer.keys, n_rows, columns, zeroed) for layer in first.layers]
+    values = [_like(layer.values, n_rows, columns, zeroed) for layer in first.layers]
     valid = torch.zeros(n_rows, columns, dtype=torch.bool, device=first.valid.device)
     positions, row = [], 0
     for (batch, rows), span in zip(parts, spans):
         index = torch.tensor(rows, device=batch.valid.device)
         src, dst, n = slice(batch.t - span, batch.t), slice(t - span, t), len(rows)
         for layer, k, v in zip(batch.layers, keys, values):
+            k[row:row + n, :, :t - span].zero_()  # masked, but a NaN left there would poison the HF path's sums
+            v[row:row + n, :, :t - span].zero_()
             k[row:row + n, :, dst] = layer.keys.index_select(0, index)[:, :, src]
             v[row:row + n, :, dst] = layer.values.index_select(0, index)[:, :, src]
         valid[row:row + n, dst] = batch.valid.index_select(0, index)[:, src]
         positions.append(batch.positions.index_select(0, index))
         row += n
-    return Batch(keys, values, valid, torch.cat(positions), t)
+    return Batch(keys, values, valid, torch.cat(positions), t, zeroed)
 
 
 def _first_used(batch: Batch, rows: list[int]) -> int:
@@ -225,32 +227,33 @@ def _first_used(batch: Batch, rows: list[int]) -> int:
     return int(used[0]) if len(used) else batch.t
 
 
-def _empty_like(tensor: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """Zeros shaped like `tensor` (rows, heads, columns, head_dim) with other rows/columns."""
-    return _zeros((rows, tensor.shape[1], columns, tensor.shape[3]), tensor.dtype, tensor.device)
+def _like(tensor: torch.Tensor, rows: int, columns: int, zeroed: bool) -> torch.Tensor:
+    """Storage shaped like `tensor` (rows, heads, columns, head_dim) with other rows/columns: zeros if `zeroed`,
+    else uninitialised (the caller writes or zeroes every column before t)."""
+    return _storage((rows, tensor.shape[1], columns, tensor.shape[3]), tensor.dtype, tensor.device,
+                    None if zeroed else 0)
 
 
-def _copy_into(tensor: torch.Tensor, columns: int, t: int) -> torch.Tensor:
-    """Zeros (rows, heads, columns, head_dim) holding `tensor`'s columns 0 .. t - 1."""
-    out = _empty_like(tensor, tensor.shape[0], columns)
+def _copy_into(tensor: torch.Tensor, columns: int, t: int, zeroed: bool) -> torch.Tensor:
+    """Storage (rows, heads, columns, head_dim) holding `tensor`'s columns 0 .. t - 1 (zeros after if `zeroed`)."""
+    out = _like(tensor, tensor.shape[0], columns, zeroed)
     out[:, :, :t] = tensor[:, :, :t]
     return out
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A zeroed tensor. On the CPU, from LAZY_BYTES up, an anonymous private mapping: the OS zeroes each page when
-    it is first written, so nothing is written here and untouched columns take no memory; unmapped when the tensor
-    is freed. Not reserved against the commit limit (MAP_NORESERVE: it is reserved room, mostly never touched), and
-    in 4 KB pages (MADV_NOHUGEPAGE), or with transparent huge pages "always" a write to each row's next column would
-    make every 2 MB of the room resident at once. Elsewhere torch.zeros."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < LAZY_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
+def _storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, upto: int | None) -> torch.Tensor:
+    """Key/value storage (rows, heads, columns, head_dim) whose columns before `upto` are zeros (None: all of them);
+    the rest uninitialised (_empty)."""
+    if upto is None:
         return torch.zeros(shape, dtype=dtype, device=device)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    mapping = mmap.mmap(-1, nbytes, flags=flags)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        mapping.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(mapping, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    out = _empty(shape, dtype, device)
+    out[:, :, :upto].zero_()
+    return out
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Uninitialised memory; a module function, so tests can fill it with NaN to prove it is never read."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _with_capacity(tensor: torch.Tensor, columns: int) -> torch.Tensor:

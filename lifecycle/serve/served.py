@@ -27,7 +27,8 @@ NATIVE_PREFILL_TOKENS = 1024
 NATIVE_PREFILL_INT8_FLOPS = 2e9
 
 # Columns a rebuilt batch reserves past its last at most (ServedModel.room): 2,048 x 8 rows x 12 layers of a 120M
-# Llama's keys and values is 1.2 GB of address space, none of it memory until written.
+# Llama's keys and values is 1.2 GB, left uninitialised (batch._empty), resident only as far as steps write it
+# where the allocator maps fresh memory for it.
 ROOM_MAX = 2048
 
 # Adapter types that wrap layers and switch per forward with set_adapter / disable_adapter_layers.
@@ -81,7 +82,7 @@ class ServedModel:
             batch = Batch.empty(lengths, len(fast.layers), fast.kv_heads, fast.head_dim, self.dtype)
             return [row[None] for row in fast.native.prefill(prompts, batch)], batch
         if self.packing is not None and self.packing.pays(lengths):
-            return self._prefill_packed(prompts, all_logits)
+            return self._prefill_packed(prompts, all_logits, self._reads_spare_columns(name))
         width = max(lengths)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)
         valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
@@ -89,9 +90,12 @@ class ServedModel:
         out = self.lm(input_ids=ids, attention_mask=valid.long(), position_ids=positions, use_cache=True,
                       logits_to_keep=0 if all_logits else 1)
         logits = [row[width - len(p):] if all_logits else row for row, p in zip(out.logits, prompts)]
-        return logits, Batch.from_prefill(out.cache, valid)
+        batch = Batch.from_prefill(out.cache, valid)
+        batch.zeroed = self._reads_spare_columns(name)
+        return logits, batch
 
-    def _prefill_packed(self, prompts: list[list[int]], all_logits: bool) -> tuple[list[torch.Tensor], Batch]:
+    def _prefill_packed(self, prompts: list[list[int]], all_logits: bool,
+                        zeroed: bool = False) -> tuple[list[torch.Tensor], Batch]:
         """The prompts as one sequence, positions restarting at each, under a block-diagonal causal mask: no padding
         tokens go through the model (8 of the benchmark's prompts: 369 tokens instead of 496 left-padded; 390 ms instead of
         520 on a 120M Llama)."""
@@ -111,7 +115,7 @@ class ServedModel:
             logits = [out.logits[0, int(e) - n:int(e)] for e, n in zip(ends, lengths)]
         else:
             logits = [row[None] for row in out.logits[0]]  # (1, V) each
-        return logits, Batch.from_packed(out.cache, lengths)
+        return logits, Batch.from_packed(out.cache, lengths, zeroed)
 
     def decode(self, name: str, tokens: list[int], batch: Batch) -> torch.Tensor:
         """Logits (rows, V) for each row's next token after feeding `tokens` (one per row)."""
@@ -129,13 +133,18 @@ class ServedModel:
 
     def room(self, name: str, need: int) -> int:
         """Columns to reserve past a rebuilt batch's t for model `name`'s rows, which may write `need` more each:
-        all of them (up to ROOM_MAX) on the CPU, where reserved columns cost nothing until written (batch._zeros) and
-        a batch that runs out is copied whole; GROW under the compiled torch step, which attends over every reserved
-        column, and off the CPU, where storage is allocated for real."""
-        fast = self._fast() if name == self.base_name else None
-        if self.device.type != "cpu" or (fast is not None and fast.native is None and fast.compiled is not None):
+        all of them (up to ROOM_MAX) on the CPU, where reserved columns are neither zeroed nor, where the allocator
+        maps fresh memory for them, resident until written, and a batch that runs out is copied whole; GROW under
+        the compiled torch step, which attends over every reserved column, and off the CPU."""
+        if self.device.type != "cpu" or self._reads_spare_columns(name):
             return GROW
         return min(max(need, GROW), ROOM_MAX)
+
+    def _reads_spare_columns(self, name: str) -> bool:
+        """Whether `name`'s decode step attends over a batch's every column, masked (the compiled torch step, whose
+        shapes must not change per step), so the columns past t must hold zeros (Batch.zeroed), not garbage."""
+        fast = self._fast() if name == self.base_name else None
+        return fast is not None and fast.native is None and fast.compiled is not None
 
     def runs_ahead(self, name: str) -> bool:
         """Whether `name`'s rows can take several steps in one call (decode_run): the base model under the C step,

@@ -1,13 +1,12 @@
-"""Batch storage reserved ahead: lazily zeroed on the CPU, sized to what the running jobs may still write."""
+"""Batch storage: room reserved for what the running jobs may still write, left uninitialised, never read unwritten."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import asyncio
 
 import pytest
 import torch
 from serve_models import PROMPTS, ask, collect, run, serving, tokenizer, tokens  # noqa: F401
-from test_serve_fastpath import sharp_llama_dir  # noqa: F401
+from test_serve_fastpath import nan_empty, sharp_llama_dir  # noqa: F401
 
 from lifecycle.serve import batch as batch_module
 from lifecycle.serve import scheduler as scheduler_module
@@ -16,26 +15,41 @@ from lifecycle.serve.batch import GROW
 from lifecycle.serve.served import ROOM_MAX, ServedModel
 
 
-def _rss() -> int:
-    """This process's resident bytes now (not the peak)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * 4096
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Uninitialised storage filled with NaN: a step that read a column nobody wrote would turn its logits to NaN."""
+    monkeypatch.setattr(batch_module, "_empty", nan_empty)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
-def test_reserved_columns_take_no_memory_until_written():
-    before = _rss()
-    keys = batch_module._zeros((8, 12, 4096, 64), torch.float32, "cpu")  # 100 MB reserved
-    assert _rss() - before < 8 << 20
-    assert keys.is_contiguous() and not keys[:, :, :16].any()  # zeros where read
-    keys[:, :, :32] = 1.0  # 32 columns of 96 (row, head) blocks: 2 pages each
-    grown = _rss() - before
-    assert 0.5 * (96 * 8192) <= grown < 8 << 20
-    keys.fill_(2.0)
-    assert _rss() - before > 90 << 20  # control: written, the whole of it is resident
+SETTINGS = [dict(run_ahead_ms=0), dict(), dict(fast_decode=False)]
+IDS = ["fast", "run-ahead", "hf"]
 
 
-def test_a_long_generation_is_not_copied_while_it_runs_and_decodes_as_with_growth(sharp_llama_dir, monkeypatch):
+@pytest.mark.parametrize("settings", SETTINGS, ids=IDS)
+def test_no_step_reads_a_column_nobody_wrote(sharp_llama_dir, settings, monkeypatch):
+    """Jobs joining (a merge), leaving, and taking a finished job's row (adopt) over NaN-filled storage decode the
+    tokens they decode over zeros: every column a step reads was written or zeroed first."""
+    async def main():
+        async with serving(sharp_llama_dir, **settings) as engine:
+            joined, first = asyncio.Event(), []
+
+            async def leader():  # the others join once it has 5 tokens (run ahead, one event may carry 16)
+                async for event in engine.generate(ask(engine, PROMPTS[0], max_tokens=90)):
+                    first.extend(event.token_ids)
+                    if len(first) >= 5:
+                        joined.set()
+            others = await asyncio.gather(leader(), *(collect(engine, ask(engine, p, max_tokens=10 + 9 * i), joined)
+                                                      for i, p in enumerate(PROMPTS[1:])))
+            late = await collect(engine, ask(engine, PROMPTS[3], max_tokens=20))
+            return [first, *(tokens(o) for o in others[1:]), tokens(late)]
+
+    clean = run(main())
+    monkeypatch.setattr(batch_module, "_empty", nan_empty)
+    assert run(main()) == clean and sum(map(len, clean)) > 120
+
+
+def test_a_long_generation_is_not_copied_while_it_runs_and_decodes_as_with_growth(sharp_llama_dir, monkeypatch,
+                                                                                    poisoned):
     """A job's batch reserves the columns its max_tokens may write: one copy (the join), none as it decodes. With the
     reserve forced down to GROW columns the storage grows twice (the copies the reserve saves); tokens the same."""
     copies = {"merge": 0, "grow": 0}
@@ -53,7 +67,7 @@ def test_a_long_generation_is_not_copied_while_it_runs_and_decodes_as_with_growt
                 return tokens(await collect(engine, ask(engine, PROMPTS[2], max_tokens=100)))
         return run(main()), dict(copies)
 
-    for settings in (dict(run_ahead_ms=0), dict(), dict(fast_decode=False)):
+    for settings in SETTINGS:
         reserved, copied = generate(**settings)
         assert len(reserved) == 100 and copied == {"merge": 1, "grow": 0}, settings
         monkeypatch.setattr(served_module, "ROOM_MAX", GROW)

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from serve_models import tokenizer  # noqa: F401
-from test_serve_fastpath import DIMS, FAMILIES, lockstep, random_model
+from test_serve_fastpath import DIMS, FAMILIES, lockstep, nan_empty, random_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lifecycle.errors import ConfigError
@@ -25,7 +25,8 @@ FLOAT_FAMILIES = [f for f in FAMILIES if f != "llama_int8"]
 @pytest.fixture
 def small_grow(monkeypatch):
     monkeypatch.setattr(batch_module, "GROW", 4)  # a capacity growth every 4 steps: the cache pointers change
-    monkeypatch.setattr(batch_module, "LAZY_BYTES", 0)  # and every storage a lazily zeroed mapping (batch._zeros)
+    # and uninitialised storage NaN: a step that read a column nobody wrote would show
+    monkeypatch.setattr(batch_module, "_empty", nan_empty)
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
