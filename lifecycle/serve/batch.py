@@ -88,8 +88,8 @@ class Batch(Cache):
 
     @classmethod
     def from_prefill(cls, cache: Cache, valid: torch.Tensor) -> Batch:
-        """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width). Its
-        spare columns are zeros (whether later copies keep them so is `zeroed`'s business)."""
+        """Rows holding left-padded prompts' keys and values (a prefill's DynamicCache); valid: (rows, width).
+        Zeros past the prompts (the caller's `zeroed` says whether copies of it must stay so)."""
         rows, width = valid.shape
         pad = ~valid[:, None, :, None]  # (rows, 1, width, 1)
         # Padding columns are masked, but a NaN there (a query that saw nothing) would still poison the sums.

@@ -132,10 +132,10 @@ class ServedModel:
         return logits
 
     def room(self, name: str, need: int) -> int:
-        """Columns to reserve past a rebuilt batch's t for model `name`'s rows, which may write `need` more each:
-        all of them (up to ROOM_MAX) on the CPU, where reserved columns are neither zeroed nor, where the allocator
-        maps fresh memory for them, resident until written, and a batch that runs out is copied whole; GROW under
-        the compiled torch step, which attends over every reserved column, and off the CPU."""
+        """Columns to reserve past a rebuilt batch's t for model `name`'s rows, which may write `need` more each.
+        On the CPU all of them, up to ROOM_MAX: reserved columns are left uninitialised, and a batch that runs out
+        is copied whole. GROW under the compiled torch step, which attends over every reserved column, and off the
+        CPU."""
         if self.device.type != "cpu" or self._reads_spare_columns(name):
             return GROW
         return min(max(need, GROW), ROOM_MAX)
