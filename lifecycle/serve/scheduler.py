@@ -48,6 +48,11 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     events: object = None             # the consumer's asyncio.Queue (only the event loop's thread touches it)
 
+    @property
+    def left(self) -> int:
+        """Tokens it may still generate (max_tokens not yet reached)."""
+        return self.request.sampling.max_tokens - self.completion
+
     def gone(self, now: float) -> bool:
         """Cancelled, or past its deadline at `now` (a sweep over many jobs reads the clock once)."""
         deadline = self.request.deadline
@@ -291,7 +296,7 @@ class Scheduler:
             return 1
         live = [group.jobs[r] for r in group.live_rows()]
         k = min(RUN_AHEAD_MAX, int(self.run_ahead / max(group.step_seconds, 1e-6)),
-                max(j.request.sampling.max_tokens - j.completion for j in live))
+                max(j.left for j in live))
         if k < 2 or any(j.request.sampling.logprobs for j in live):  # None or 0: the run gives them
             return 1
         return k if self.served.runs_ahead(name) else 1
@@ -385,8 +390,7 @@ class Scheduler:
         """Columns for a rebuilt batch of `group` to reserve past its last: what its running jobs may still write
         (the most tokens any has left), as ServedModel.room allows. Reserved up front, a batch is not copied again
         until newcomers that need more have joined it."""
-        need = max((j.request.sampling.max_tokens - j.completion for j in group.jobs if not j.done), default=0)
-        return self.served.room(name, need)
+        return self.served.room(name, max((group.jobs[r].left for r in group.live_rows()), default=0))
 
     def _fail_group(self, name: str, error: str) -> None:
         for job in self.groups.pop(name).jobs:

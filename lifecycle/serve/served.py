@@ -82,7 +82,7 @@ class ServedModel:
             batch = Batch.empty(lengths, len(fast.layers), fast.kv_heads, fast.head_dim, self.dtype)
             return [row[None] for row in fast.native.prefill(prompts, batch)], batch
         if self.packing is not None and self.packing.pays(lengths):
-            return self._prefill_packed(prompts, all_logits, self._reads_spare_columns(name))
+            return self._prefill_packed(prompts, all_logits, _reads_spare_columns(fast))
         width = max(lengths)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, width)
         valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=self.device)
@@ -91,11 +91,11 @@ class ServedModel:
                       logits_to_keep=0 if all_logits else 1)
         logits = [row[width - len(p):] if all_logits else row for row, p in zip(out.logits, prompts)]
         batch = Batch.from_prefill(out.cache, valid)
-        batch.zeroed = self._reads_spare_columns(name)
+        batch.zeroed = _reads_spare_columns(fast)
         return logits, batch
 
     def _prefill_packed(self, prompts: list[list[int]], all_logits: bool,
-                        zeroed: bool = False) -> tuple[list[torch.Tensor], Batch]:
+                        zeroed: bool) -> tuple[list[torch.Tensor], Batch]:
         """The prompts as one sequence, positions restarting at each, under a block-diagonal causal mask: no padding
         tokens go through the model (8 of the benchmark's prompts: 369 tokens instead of 496 left-padded; 390 ms instead of
         520 on a 120M Llama)."""
@@ -136,15 +136,9 @@ class ServedModel:
         On the CPU all of them, up to ROOM_MAX: reserved columns are left uninitialised, and a batch that runs out
         is copied whole. GROW under the compiled torch step, which attends over every reserved column, and off the
         CPU."""
-        if self.device.type != "cpu" or self._reads_spare_columns(name):
+        if self.device.type != "cpu" or _reads_spare_columns(self._fast() if name == self.base_name else None):
             return GROW
         return min(max(need, GROW), ROOM_MAX)
-
-    def _reads_spare_columns(self, name: str) -> bool:
-        """Whether `name`'s decode step attends over a batch's every column, masked (the compiled torch step, whose
-        shapes must not change per step), so the columns past t must hold zeros (Batch.zeroed), not garbage."""
-        fast = self._fast() if name == self.base_name else None
-        return fast is not None and fast.native is None and fast.compiled is not None
 
     def runs_ahead(self, name: str) -> bool:
         """Whether `name`'s rows can take several steps in one call (decode_run): the base model under the C step,
@@ -251,6 +245,13 @@ class Packing:
             return False
         padded = n * width * self.token_flops + n * width * width * self.pair_flops
         return total * self.token_flops + total * total * self.pair_flops < padded
+
+
+def _reads_spare_columns(fast) -> bool:
+    """Whether decode steps by `fast` (the base's fast step; None: the HF forward) attend over a batch's every
+    column, masked (the compiled torch step, whose shapes must not change per step), so the columns past t must hold
+    zeros (Batch.zeroed), not garbage."""
+    return fast is not None and fast.native is None and fast.compiled is not None
 
 
 def layer_flops(model) -> float:
