@@ -3,7 +3,7 @@
 A decode step streams every weight matrix once. With 4 KB pages that is one TLB entry and one prefetcher restart per
 4 KB; with 2 MB pages the same reads ran 12% faster at batch 1 and 15% faster at 8 rows (a 120M Llama's products in
 step order, 2 threads: 16.6-17.4 -> 15.0 ms and 20.7-22.6 -> 18.1-18.3 ms). The fast path's fused, transposed
-float32 matrices (and the C step's repacked int8 ones) are carved out of one anonymous mapping advised
+float32 matrices (and the C step's packed ones) are carved out of one anonymous mapping advised
 MADV_HUGEPAGE, aligned to 2 MB, so at most one huge page is partly unused. Elsewhere (other systems, THP "never")
 the arena is ordinary torch memory and nothing else changes.
 """

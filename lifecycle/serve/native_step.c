@@ -10,10 +10,11 @@
    the whole step is one OpenMP parallel region (threads meet at a barrier between phases) and each matrix is read
    once per step as contiguous streams by vectorised kernels.
 
-   Weights are read as (in, out) row-major matrices (fastpath stores float32 weights transposed for the same reason),
-   float32 or int8 with one float scale per output column (weight-only int8: activations stay float32). Each thread
-   sums its share of a product's inputs in index order and the shares are then added, so results equal torch's to
-   float rounding, not bit for bit. Vectors use GCC's vector extensions, lowered to AVX-512, AVX2 or SSE by -march=native. */
+   Weights are read packed in panels of 32 output columns (see product): float32, or int8 with one float scale per
+   output column (weight-only int8: activations stay float32). Each output is one chain of multiply-adds over its
+   inputs in index order, so results equal torch's to float rounding, not bit for bit, and a row's results are the
+   same bits whatever rows share its batch and however many threads run. Vectors use GCC's vector extensions, lowered
+   to AVX-512, AVX2 or SSE by -march=native. */
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
@@ -28,15 +29,15 @@ typedef int8_t i8x16u __attribute__((vector_size(16), aligned(1), may_alias));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 typedef struct {
-    const void *w;       /* (in, ld) row-major: float, or int8 when the model is int8 */
-    const float *scale;  /* int8: (out,) per output column; NULL for float */
-    const float *bias;   /* (out,) or NULL */
-    int64_t ld;          /* elements between rows of w */
+    const void *w;       /* panels (ceil(n / 32), in, 32): float, or int8 when the model is int8 (see product) */
+    const float *scale;  /* int8: (n,) per output column; NULL for float */
+    const float *bias;   /* (n,) or NULL */
+    int64_t in, n;       /* inputs and output columns */
 } Lin;
 
 typedef struct {
     const float *norm1, *norm2, *q_norm, *k_norm; /* q_norm/k_norm: qwen3's (head_dim,), else NULL */
-    Lin qkv, o, gate_up, down;
+    Lin qkv, o, gate, up, down;
 } Layer;
 
 typedef struct {
@@ -98,237 +99,130 @@ static void meet(Barrier *b, int nt) {
     }
 }
 
-/* Matrix products y = x @ W (* scale) (+ bias) in two phases, for all rows of x at once.
+/* Matrix products y = x @ W (* scale) (+ bias) for all rows of x at once, over weights packed in panels.
 
-   Phase 1 (partial_sums): the input rows of W (its `in` dimension) are split between the threads, so each thread
-   streams one contiguous block of the matrix, 4 rows of W at a time, into its own partial sums (rows x columns,
-   column chunks small enough for L1). One contiguous stream per thread is what the memory system serves fastest:
-   on a 120M Llama's matrices (DRAM-resident) it read 1.3x faster than 64-column tiles strided through the matrix.
-   Phase 2 (after a barrier): each thread adds the partials of its share of the columns, applies the int8 scale and
-   the bias, and stores (or adds, for the residual stream). */
-#define CHUNK_FLOATS 8192 /* partial sums per column chunk: 32 KB, an L1 */
+   A panel is 32 output columns of W over all its inputs: (in, 32) contiguous, so the panels of a matrix are
+   (ceil(out / 32), in, 32), the last one's spare columns zero (lifecycle/serve/native.py packs them). A tile of up to
+   8 rows of x walks down one panel (or a 1-4-row tile down up to 4 panels side by side) with every sum in registers
+   from the first input to the last: one contiguous stream per panel, which the hardware prefetchers follow, and no
+   partial sums through memory. Over the same weights in (in, out) rows, tiles walking down 32 columns are a strided
+   stream the prefetchers miss, and tiles over a few rows at a time load and store their sums between blocks: 8 rows
+   of a 120M Llama's 768 x 3072 matrices (DRAM-resident, 2 threads, AMD EPYC Zen 4) took 21-25 ms that way, 11-14 ms
+   in panels.
+
+   Threads split a matrix's panels, so each thread writes finished output columns (scaled, biased) and no partial
+   sums are added across threads. Each output is one chain of multiply-adds over the inputs in index order, whatever
+   the tile: a row's results do not depend on the rows beside it or on the thread count. */
+#define PANEL 32
 
 static inline __attribute__((always_inline)) v16 load_w(int int8, const void *w, int64_t i) {
     return int8 ? load16_i8((const int8_t *)w + i) : load16((const float *)w + i);
 }
 
-/* One row of x (batch 1) times rows lo..hi of W (4 at a time) into p, columns [c0, c1). Everything the loop reads
-   is hoisted into locals first: p is stored through a may_alias vector type, after which the compiler would
-   otherwise reload every pointer and x value from memory. */
-#define STREAM_KERNEL(NAME, INT8, T)                                                                              \
-    static void NAME(const Lin *L, int64_t col0, const float *x, int64_t lo, int64_t hi, int64_t c0, int64_t c1,   \
-                     float *p) {                                                                                  \
-        const int64_t ld = L->ld;                                                                                 \
-        const T *w = (const T *)L->w + col0;                                                                      \
-        int64_t i = lo;                                                                                           \
-        for (; i + 4 <= hi; i += 4) {                                                                             \
-            const T *r0 = w + i * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;                                \
-            const float a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];                                       \
-            for (int64_t k = c0; k + 16 <= c1; k += 16)                                                           \
-                store16(p + k, load16(p + k) + a * load_w(INT8, r0, k) + b * load_w(INT8, r1, k) +                 \
-                                   c * load_w(INT8, r2, k) + d * load_w(INT8, r3, k));                            \
-        }                                                                                                         \
-        for (; i < hi; i++) {                                                                                     \
-            const T *r0 = w + i * ld;                                                                             \
-            const float a = x[i];                                                                                 \
-            for (int64_t k = c0; k + 16 <= c1; k += 16) store16(p + k, load16(p + k) + a * load_w(INT8, r0, k));  \
-        }                                                                                                         \
-    }
-
-STREAM_KERNEL(stream_f32, 0, float)
-STREAM_KERNEL(stream_i8, 1, int8_t)
-
-static void stream_row(int int8, const Lin *L, int64_t col0, const float *x, int64_t lo, int64_t hi, int64_t c0,
-                       int64_t c1, float *p) {
-    if (int8) stream_i8(L, col0, x, lo, hi, c0, c1, p);
-    else stream_f32(L, col0, x, lo, hi, c0, c1, p);
-}
-
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 8
-#endif
-#ifndef BLOCK_ROWS
-/* 8 rows of W side by side: on a 120M Llama's 8-row step the same as 16 on an Intel Xeon (22.9 against 22.8 ms),
-   faster on an AMD EPYC (Zen 4), whose prefetchers follow fewer streams: 26.1-30.5 against 29.2-34.5 ms (2 rows:
-   15.0-19.0 against 23.4-25.5) */
-#define BLOCK_ROWS 8
-#endif
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 16
-#endif
-
-/* Several rows of x (a batch): each weight vector loaded once serves every row, the sums of a tile of columns and
-   up to 8 rows stay in registers over the thread's rows of W, then go to p once. R and NV are constants after
-   inlining; R * NV <= 16 accumulators. */
-static inline __attribute__((always_inline)) void tile_rows(int INT8, int R, int NV, const Lin *L, int64_t col0,
-                                                           const float *x, int64_t ldx, int64_t lo, int64_t hi,
-                                                           int64_t k, float *p, int64_t n, int first) {
-    const int64_t ld = L->ld;
-    const char *w = (const char *)L->w + (INT8 ? 1 : 4) * (col0 + k);
-    const int64_t row_bytes = (INT8 ? 1 : 4) * ld;
-    v16 acc[8][4];
+/* R rows of x times NP panels (w: the first, `stride` elements apart) over all `in` inputs: the raw sums into
+   out[r][0 .. 32 * NP). R and NP are constants after inlining; R * 2 * NP <= 16 accumulators. */
+static inline __attribute__((always_inline)) void panel_tile(int INT8, int R, int NP, const void *w, int64_t stride,
+                                                             int64_t in, const float *x, int64_t ldx, float *out,
+                                                             int64_t ldo) {
+    const int size = INT8 ? 1 : 4;
+    const char *base = (const char *)w;
+    v16 acc[8][8];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = first ? (v16){0} : load16(p + r * n + k + 16 * v);
-    for (int64_t i = lo; i < hi; i++) {
-        const void *row = w + i * row_bytes;
-        /* the tile walks down W one row (64-256 bytes) at a time, a stride the hardware prefetchers miss */
-        __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes);
-        if (NV * (INT8 ? 16 : 64) > 64) __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 64);
-        if (NV * (INT8 ? 16 : 64) > 128) {
-            __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 128);
-            __builtin_prefetch(w + (i + PREFETCH_ROWS) * row_bytes + 192);
+        for (int v = 0; v < 2 * NP; v++) acc[r][v] = (v16){0};
+    for (int64_t i = 0; i < in; i++) {
+        v16 wv[8];
+        for (int p = 0; p < NP; p++) {
+            const char *row = base + (int64_t)size * (p * stride + i * PANEL);
+            /* 16 inputs ahead: the prefetchers follow the stream too, this covers their start-up at each panel */
+            __builtin_prefetch(row + 16 * size * PANEL);
+            if (!INT8) __builtin_prefetch(row + 16 * size * PANEL + 64);
+            wv[2 * p] = load_w(INT8, row, 0);
+            wv[2 * p + 1] = load_w(INT8, row, 16);
         }
-        v16 wv[4];
-        for (int v = 0; v < NV; v++) wv[v] = load_w(INT8, row, 16 * v);
         for (int r = 0; r < R; r++) {
             float xv = x[r * ldx + i];
-            for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];
+            for (int v = 0; v < 2 * NP; v++) acc[r][v] += xv * wv[v];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) store16(p + r * n + k + 16 * v, acc[r][v]);
+        for (int v = 0; v < 2 * NP; v++) store16(out + r * ldo + 16 * v, acc[r][v]);
 }
 
-#define TILE_ROWS(R, NV)                                                                                          \
-    static void tile_rows_##R##_##NV(int int8, const Lin *L, int64_t col0, const float *x, int64_t ldx,           \
-                                     int64_t lo, int64_t hi, int64_t k, float *p, int64_t n, int first) {         \
-        if (int8) tile_rows(1, R, NV, L, col0, x, ldx, lo, hi, k, p, n, first);                                   \
-        else tile_rows(0, R, NV, L, col0, x, ldx, lo, hi, k, p, n, first);                                        \
+#define PANEL_TILE(R, NP)                                                                                         \
+    static void panel_tile_##R##_##NP(int int8, const void *w, int64_t stride, int64_t in, const float *x,        \
+                                      int64_t ldx, float *out, int64_t ldo) {                                     \
+        if (int8) panel_tile(1, R, NP, w, stride, in, x, ldx, out, ldo);                                          \
+        else panel_tile(0, R, NP, w, stride, in, x, ldx, out, ldo);                                               \
     }
-TILE_ROWS(2, 4) TILE_ROWS(3, 4) TILE_ROWS(4, 4) TILE_ROWS(5, 2) TILE_ROWS(6, 2) TILE_ROWS(7, 2) TILE_ROWS(8, 2)
-TILE_ROWS(2, 1) TILE_ROWS(3, 1) TILE_ROWS(4, 1) TILE_ROWS(5, 1) TILE_ROWS(6, 1) TILE_ROWS(7, 1) TILE_ROWS(8, 1)
+PANEL_TILE(1, 4) PANEL_TILE(2, 4) PANEL_TILE(3, 2) PANEL_TILE(4, 2)
+PANEL_TILE(1, 1) PANEL_TILE(2, 1) PANEL_TILE(3, 1) PANEL_TILE(4, 1) PANEL_TILE(5, 1) PANEL_TILE(6, 1)
+PANEL_TILE(7, 1) PANEL_TILE(8, 1)
 
-typedef void (*tile_fn)(int, const Lin *, int64_t, const float *, int64_t, int64_t, int64_t, int64_t, float *,
-                        int64_t, int);
-static const tile_fn wide[9] = {0, 0, tile_rows_2_4, tile_rows_3_4, tile_rows_4_4, tile_rows_5_2, tile_rows_6_2,
-                                tile_rows_7_2, tile_rows_8_2};
-static const tile_fn narrow[9] = {0, 0, tile_rows_2_1, tile_rows_3_1, tile_rows_4_1, tile_rows_5_1, tile_rows_6_1,
-                                  tile_rows_7_1, tile_rows_8_1};
+typedef void (*tile_fn)(int, const void *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
+/* by rows: the tile over several panels (NP of them: wide_panels[R]) and over one */
+static const tile_fn wide[5] = {0, panel_tile_1_4, panel_tile_2_4, panel_tile_3_2, panel_tile_4_2};
+static const int wide_panels[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+static const tile_fn single[9] = {0, panel_tile_1_1, panel_tile_2_1, panel_tile_3_1, panel_tile_4_1,
+                                  panel_tile_5_1, panel_tile_6_1, panel_tile_7_1, panel_tile_8_1};
 
-/* Columns [0, vec) of p for rows of x in blocks of up to 8 (a 1-row remainder goes through a 2-row kernel's
-   sibling: the streaming kernel) */
-static void batch_block(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
-                        int64_t lo, int64_t hi, float *p, int64_t n, int64_t block) {
-    /* Blocks of BLOCK_ROWS rows of W, each swept across all its columns (for every group of GROUP_ROWS rows of x;
-       the block is then in L2 for the next group) before the next block: the tiles read BLOCK_ROWS rows of W side
-       by side, streams the prefetchers follow, instead of walking down a column of W. A 1-row remainder group
-       goes through the streaming kernel. */
-    for (int64_t b0 = lo; b0 < hi; b0 += block) {
-        int64_t b1 = b0 + block < hi ? b0 + block : hi;
-        for (int r0 = 0; r0 < rows; r0 += GROUP_ROWS) {
-            int R = rows - r0 < GROUP_ROWS ? rows - r0 : GROUP_ROWS;
-            const float *xr = x + r0 * ldx;
-            float *pr = p + (int64_t)r0 * n;
-            if (R == 1) {
-                if (b0 == lo) memset(pr, 0, sizeof(float) * vec);
-                stream_row(int8, L, col0, xr, b0, b1, 0, vec, pr);
-                continue;
-            }
-            int step = R <= 4 ? 64 : 32;
-            int64_t k = 0;
-            for (; k + step <= vec; k += step) wide[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
-            for (; k + 16 <= vec; k += 16) narrow[R](int8, L, col0, xr, ldx, b0, b1, k, pr, n, b0 == lo);
+/* Panels [lo, hi) of P for thread tid of nt: contiguous runs of nearly equal length */
+static void share(int64_t P, int tid, int nt, int64_t *lo, int64_t *hi) {
+    *lo = P * tid / nt;
+    *hi = P * (tid + 1) / nt;
+}
+
+/* The sums of R <= 8 rows of x (from row 0) and panels [p, p + np) of L, scaled and biased, into s (R, 4 * PANEL):
+   s[r][c - p * PANEL] for the panels' columns c below L->n */
+static void panel_block(int int8, const Lin *L, int64_t p, int np, const float *x, int64_t ldx, int R, float *s) {
+    const int64_t stride = L->in * PANEL, c0 = p * PANEL;
+    const int64_t c1 = (p + np) * PANEL < L->n ? (p + np) * PANEL : L->n;
+    const char *w = (const char *)L->w + (int8 ? 1 : 4) * p * stride;
+    if (np > 1) wide[R](int8, w, stride, L->in, x, ldx, s, 4 * PANEL); /* np > 1 only for R <= 4 */
+    else single[R](int8, w, stride, L->in, x, ldx, s, 4 * PANEL);
+    if (!L->scale && !L->bias) return;
+    for (int r = 0; r < R; r++) {
+        float *sr = s + r * 4 * PANEL - c0;
+        int64_t c = c0;
+        for (; c + 16 <= c1; c += 16) {
+            v16 v = load16(sr + c);
+            if (L->scale) v *= load16(L->scale + c);
+            if (L->bias) v += load16(L->bias + c);
+            store16(sr + c, v);
         }
+        for (; c < c1; c++) sr[c] = (L->scale ? sr[c] * L->scale[c] : sr[c]) + (L->bias ? L->bias[c] : 0.f);
     }
 }
 
-/* batch_block over column chunks of BATCH_CHUNK: the partial sums of a chunk's rows of x (8 x 8192 floats, 256 KB)
-   stay in L2 while W streams past. A head as wide as a 32,000-token vocabulary otherwise has 1 MB of partial sums
-   per thread for 8 rows, and reading 120M-shaped matrices plus such a head took 7% longer (2 threads, 8 rows). */
-#define BATCH_CHUNK 8192
-/* From PREFILL_ROWS rows of x on (a prefill's tokens), a block of W serves many groups of rows: blocks of
-   PREFILL_BLOCK rows of W in column chunks of PREFILL_CHUNK (512 KB of W; the rows' partial sums of a chunk in L2)
-   load and store each tile's sums 8x less often. 8 prompts (369 tokens) through a 120M Llama: 552 -> 397 ms
-   (chunk/block 512/64: 456, 512/128: 411-418, 256/128: 434, 512/256: 478 ms). */
-#ifndef PREFILL_ROWS
-#define PREFILL_ROWS 32
-#define PREFILL_CHUNK 1024
-#define PREFILL_BLOCK 128
-#endif
-static void batch_sums(int int8, const Lin *L, int64_t col0, int64_t vec, const float *x, int64_t ldx, int rows,
-                       int64_t lo, int64_t hi, float *p, int64_t n) {
-    int64_t chunk = rows >= PREFILL_ROWS ? PREFILL_CHUNK : BATCH_CHUNK;
-    int64_t block = rows >= PREFILL_ROWS ? PREFILL_BLOCK : BLOCK_ROWS;
-    for (int64_t c0 = 0; c0 < vec; c0 += chunk) {
-        int64_t c1 = c0 + chunk < vec ? c0 + chunk : vec;
-        batch_block(int8, L, col0 + c0, c1 - c0, x, ldx, rows, lo, hi, p + c0, n, block);
-    }
+/* How many panels a tile takes at once from panel p (of this thread's [.., hi)) for `rows` rows of x */
+static int panels_at_once(int rows, int64_t p, int64_t hi) {
+    int np = rows <= 4 ? wide_panels[rows] : 1;
+    return p + np <= hi ? np : 1;
 }
 
-/* Phase 1 for columns [col0, col0 + n) of L: this thread's partial sums, part[tid] (rows, n), n a multiple of 16
-   except for a scalar tail */
-static void partial_sums(int int8, const Lin *L, int64_t col0, int64_t n, const float *x, int64_t ldx, int rows,
-                         int64_t in, float *part, int tid, int nt) {
-    int64_t per = ((in + 4 * nt - 1) / (4 * nt)) * 4, lo = tid * per < in ? tid * per : in;
-    int64_t hi = lo + per < in ? lo + per : in;
-    float *p = part + (int64_t)tid * rows * n;
-    int64_t vec = n / 16 * 16;
-    if (rows > 1) {
-        batch_sums(int8, L, col0, vec, x, ldx, rows, lo, hi, p, n);
-    } else { /* column chunks whose partial sums stay in L1 */
-        memset(p, 0, sizeof(float) * n);
-        for (int64_t c0 = 0; c0 < vec; c0 += CHUNK_FLOATS) {
-            int64_t c1 = c0 + CHUNK_FLOATS < vec ? c0 + CHUNK_FLOATS : vec;
-            stream_row(int8, L, col0, x, lo, hi, c0, c1, p);
-        }
-    }
-    for (int64_t c = n / 16 * 16; c < n; c++)
-        for (int r = 0; r < rows; r++) {
-            float sum = 0.f;
-            for (int64_t i = lo; i < hi; i++) {
-                int64_t at = i * L->ld + col0 + c;
-                sum += x[r * ldx + i] * (int8 ? (float)((const int8_t *)L->w)[at] : ((const float *)L->w)[at]);
-            }
-            p[r * n + c] = sum;
-        }
-}
-
-/* Column range [lo, hi) of n columns for thread tid of nt, cut at multiples of 16 */
-static void share(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) {
-    int64_t blocks = (n + 15) / 16, per = (blocks + nt - 1) / nt;
-    *lo = tid * per * 16 < n ? tid * per * 16 : n;
-    *hi = (tid + 1) * per * 16 < n ? (tid + 1) * per * 16 : n;
-}
-
-/* Phase 2: y[r][c] (+)= sum over threads of part[t][r][c], * scale[col0 + c] + bias[col0 + c], for this thread's
-   columns; `scalar` is 1 for the last partial vector when n is not a multiple of 16 */
-static inline float reduced(const float *part, int nt, int rows, int64_t n, int r, int64_t c, const Lin *L,
-                            int64_t col0) {
-    float s = 0.f;
-    for (int t = 0; t < nt; t++) s += part[((int64_t)t * rows + r) * n + c];
-    if (L->scale) s *= L->scale[col0 + c];
-    if (L->bias) s += L->bias[col0 + c];
-    return s;
-}
-
-static inline v16 reduced16(const float *part, int nt, int rows, int64_t n, int r, int64_t c, const Lin *L,
-                            int64_t col0) {
-    v16 s = load16(part + (int64_t)r * n + c);
-    for (int t = 1; t < nt; t++) s += load16(part + ((int64_t)t * rows + r) * n + c);
-    if (L->scale) s *= load16(L->scale + col0 + c);
-    if (L->bias) s += load16(L->bias + col0 + c);
-    return s;
-}
-
-/* y[r][c] (+)= the nt partials summed, scaled, biased, for columns [lo, hi) of rows [r0, r1) */
-static void combine_columns(const Lin *L, int64_t n, const float *part, int nt, int rows, int r0, int r1, int64_t lo,
-                            int64_t hi, float *y, int64_t ldy, int add) {
-    for (int r = r0; r < r1; r++) {
-        float *yr = y + r * ldy;
-        int64_t c = lo;
-        for (; c + 16 <= hi; c += 16) {
-            v16 v = reduced16(part, nt, rows, n, r, c, L, 0);
-            store16(yr + c, add ? load16(yr + c) + v : v);
-        }
-        for (; c < hi; c++) yr[c] = (add ? yr[c] : 0.f) + reduced(part, nt, rows, n, r, c, L, 0);
-    }
-}
-
-static void combine(const Lin *L, int64_t n, const float *part, int rows, float *y, int64_t ldy, int add, int tid,
-                    int nt) {
+/* This thread's columns of y = x @ W * scale + bias (y += that when `add`) for rows [0, rows) of x; y (rows, ldy).
+   Prefill-sized inputs sweep all their rows over a panel (then in L2) before the next. */
+static void product(int int8, const Lin *L, const float *x, int64_t ldx, int rows, float *y, int64_t ldy, int add,
+                    int tid, int nt) {
     int64_t lo, hi;
-    share(n, tid, nt, &lo, &hi);
-    combine_columns(L, n, part, nt, rows, 0, rows, lo, hi, y, ldy, add);
+    share((L->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
+    float s[8 * 4 * PANEL] __attribute__((aligned(64)));
+    for (int64_t p = lo; p < hi;) {
+        int np = panels_at_once(rows, p, hi);
+        int64_t c0 = p * PANEL, c1 = (p + np) * PANEL < L->n ? (p + np) * PANEL : L->n;
+        for (int r0 = 0; r0 < rows; r0 += 8) {
+            int R = rows - r0 < 8 ? rows - r0 : 8;
+            panel_block(int8, L, p, np, x + r0 * ldx, ldx, R, s);
+            for (int r = 0; r < R; r++) {
+                float *yr = y + (r0 + r) * ldy;
+                const float *sr = s + r * 4 * PANEL - c0;
+                if (add)
+                    for (int64_t c = c0; c < c1; c++) yr[c] += sr[c];
+                else
+                    memcpy(yr + c0, sr + c0, sizeof(float) * (c1 - c0));
+            }
+        }
+        p += np;
+    }
 }
 
 /* exp(x) for the softmax and silu: Cephes' single-precision polynomial, written so the loops vectorize;
@@ -355,6 +249,31 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t n, floa
     float inv = 1.f / sqrtf(ss / (float)n + eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+/* This thread's columns of mid = silu(x @ gate) * (x @ up) for rows [0, rows) of x; mid (rows, ldm). Gate column c
+   and up column c come from the same panel index, so the thread that sums one has the other. */
+static void gated(int int8, const Lin *gate, const Lin *up, const float *x, int64_t ldx, int rows, float *mid,
+                  int64_t ldm, int tid, int nt) {
+    int64_t lo, hi;
+    share((gate->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
+    float g[8 * 4 * PANEL] __attribute__((aligned(64))), u[8 * 4 * PANEL] __attribute__((aligned(64)));
+    for (int64_t p = lo; p < hi;) {
+        int np = panels_at_once(rows, p, hi);
+        int64_t c0 = p * PANEL, c1 = (p + np) * PANEL < gate->n ? (p + np) * PANEL : gate->n;
+        for (int r0 = 0; r0 < rows; r0 += 8) {
+            int R = rows - r0 < 8 ? rows - r0 : 8;
+            panel_block(int8, gate, p, np, x + r0 * ldx, ldx, R, g);
+            panel_block(int8, up, p, np, x + r0 * ldx, ldx, R, u);
+            for (int r = 0; r < R; r++) {
+                float *o = mid + (r0 + r) * ldm + c0;
+                const float *gr = g + r * 4 * PANEL, *ur = u + r * 4 * PANEL;
+#pragma omp simd
+                for (int64_t c = 0; c < c1 - c0; c++) o[c] = gr[c] / (1.f + exp_(-gr[c])) * ur[c];
+            }
+        }
+        p += np;
+    }
 }
 
 /* HF's rope with the sign folded into sin: x * cos + swap_halves(x) * sin, in place on one head */
@@ -476,18 +395,11 @@ static void head_attention_any(int hd, const float *q, const float *K, const flo
     for (int i = 0; i < hd; i++) o[i] *= inv;
 }
 
-/* The q/k/v partial sums of one row and kv group combined, (qwen3) q/k norms, rope on its q and k heads, and its key
-   and value written at column `col` of cache row `crow`. Each (row, kv group) owns its q, k and v columns, so the
-   combine needs no barrier of its own. */
+/* One row's kv group g after the q/k/v product: (qwen3) q/k norms, rope on its q and k heads, and its key and value
+   written at column `col` of cache row `crow` */
 static void prepare(const Model *m, const Layer *L, int layer_i, int r, int g, float *qkv, int64_t ld_qkv,
-                    const float *part, int nt, int rows, int64_t pos, int64_t crow, int64_t col, int64_t cap,
-                    float *const *keys, float *const *values) {
+                    int64_t pos, int64_t crow, int64_t col, int64_t cap, float *const *keys, float *const *values) {
     int nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, group = nq / nkv;
-    int64_t spans[3][2] = {{(int64_t)g * group * hd, (int64_t)(g + 1) * group * hd},
-                           {(int64_t)(nq + g) * hd, (int64_t)(nq + g + 1) * hd},
-                           {(int64_t)(nq + nkv + g) * hd, (int64_t)(nq + nkv + g + 1) * hd}};
-    for (int i = 0; i < 3; i++)
-        combine_columns(&L->qkv, ld_qkv, part, nt, rows, r, r + 1, spans[i][0], spans[i][1], qkv, ld_qkv, 0);
     const float *cos_ = m->cos_t + pos * hd, *sin_ = m->sin_t + pos * hd;
     float *row = qkv + r * ld_qkv;
     float *k = row + (int64_t)(nq + g) * hd, *v = row + (int64_t)(nq + nkv + g) * hd;
@@ -534,26 +446,21 @@ static int64_t *leading_padding(const float *bias, int64_t cache_rows, int64_t c
     return first;
 }
 
-static int64_t widest(const Model *m) {
-    int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim, n = qkv;
-    if (2 * (int64_t)m->inter > n) n = 2 * (int64_t)m->inter;
-    return n > m->hidden ? n : m->hidden;
-}
-
-/* Floats of scratch forward() needs for `rows` rows, `outs` of them through the head, and `nthreads` threads */
-static int64_t scratch_floats(const Model *m, int64_t rows, int64_t outs, int nthreads) {
-    int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim, part = rows * widest(m);
-    if (outs * m->vocab > part) part = outs * m->vocab;
-    return rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter) +
-           (int64_t)nthreads * (2 * part + 2 * rows * m->hidden);
+/* Floats of scratch forward() needs for `rows` rows and `nthreads` threads: q/k/v, attention, the gated mlp and the
+   o/down output shared, the residual stream and normed rows per thread */
+static int64_t scratch_floats(const Model *m, int64_t rows, int nthreads) {
+    int64_t qkv = (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
+    return rows * (qkv + (int64_t)m->heads * m->head_dim + m->inter + m->hidden) +
+           (int64_t)nthreads * 2 * rows * m->hidden;
 }
 
 /* Floats of scratch lc_step needs for `rows` rows and `nthreads` threads. */
-int64_t lc_work_floats(const Model *m, int rows, int nthreads) { return scratch_floats(m, rows, rows, nthreads); }
+int64_t lc_work_floats(const Model *m, int rows, int nthreads) { return scratch_floats(m, rows, nthreads); }
 
 /* Floats of scratch lc_prefill needs for `tokens` prompt tokens, `outs` of them with logits, and `nthreads` threads */
 int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
-    return scratch_floats(m, tokens, outs, nthreads);
+    (void)outs; /* the logits are the caller's; the head's rows reuse the normed rows' space */
+    return scratch_floats(m, tokens, nthreads);
 }
 
 /* The model over `rows` tokens: token r has id ids[r] and position pos[r], writes its key/value at column col[r] of
@@ -563,19 +470,16 @@ int64_t lc_prefill_floats(const Model *m, int tokens, int outs, int nthreads) {
    written before any token attends. Logits (outs, vocab) for the tokens listed in out (NULL: all rows, outs ==
    rows).
 
-   Every thread keeps its own copy of the residual stream (x) and of the normed rows, updated from the partial sums
-   of o and down by each thread alike, and q/k/v are combined by the attention work that owns them: 6 barriers a
-   layer (7 shared). Partial sums alternate between two buffers, so a thread still reading one never races the next
-   product. */
+   Every thread keeps its own copy of the residual stream (x) and of the normed rows, adding the o and down outputs
+   (y, written by the threads that own their columns) after the barrier that ends each product: 5 barriers a layer
+   (6 shared). y is written again only after the next barrier every thread passes once it has read it. */
 static void forward(const Model *m, int rows, const int64_t *ids, const int64_t *pos, const int64_t *crow,
                     const int64_t *col, int64_t t, int64_t cache_rows, const float *bias, int64_t cap,
                     float *const *keys, float *const *values, int outs, const int64_t *out, float *logits, float *work,
                     int nthreads) {
     int64_t H = m->hidden, I = m->inter, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim;
-    int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd, P = rows * widest(m);
-    if (outs * (int64_t)m->vocab > P) P = outs * (int64_t)m->vocab;
-    float *qkv = work, *att = qkv + rows * QKV, *mid = att + rows * A, *part_a = mid + rows * I,
-          *part_b = part_a + (int64_t)nthreads * P, *own = part_b + (int64_t)nthreads * P;
+    int64_t QKV = (nq + 2 * nkv) * hd, A = nq * hd;
+    float *qkv = work, *att = qkv + rows * QKV, *mid = att + rows * A, *y = mid + rows * I, *own = y + rows * H;
     int64_t span = t + 1;
     int shared = crow != NULL; /* crow and col are both given or both NULL */
     if (shared)
@@ -593,12 +497,11 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
-            partial_sums(int8, &L->qkv, 0, QKV, h, H, rows, H, part_a, tid, nt);
+            product(int8, &L->qkv, h, H, rows, qkv, QKV, 0, tid, nt);
             meet(&b, nt);
             for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                 int r = (int)(rg / nkv), g = (int)(rg % nkv);
-                prepare(m, L, l, r, g, qkv, QKV, part_a, nt, rows, pos[r], shared ? crow[r] : r, shared ? col[r] : t,
-                        cap, keys, values);
+                prepare(m, L, l, r, g, qkv, QKV, pos[r], shared ? crow[r] : r, shared ? col[r] : t, cap, keys, values);
                 if (!shared) look(m, l, r, g, qkv, QKV, r, first[r], t, bias, cap, keys, values, att, A, scores);
             }
             if (shared) {
@@ -610,40 +513,18 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
                 }
             }
             meet(&b, nt);
-            partial_sums(int8, &L->o, 0, H, att, A, rows, A, part_b, tid, nt);
+            product(int8, &L->o, att, A, rows, y, H, 0, tid, nt);
             meet(&b, nt);
-            combine_columns(&L->o, H, part_b, nt, rows, 0, rows, 0, H, x, H, 1);
+            for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm2, h + r * H, H, m->eps);
-            partial_sums(int8, &L->gate_up, 0, 2 * I, h, H, rows, H, part_a, tid, nt);
+            gated(int8, &L->gate, &L->up, h, H, rows, mid, I, tid, nt);
             meet(&b, nt);
-            /* gate column c and up column I + c go to the same thread, which forms silu(gate) * up */
-            int64_t lo, hi;
-            share(I, tid, nt, &lo, &hi);
-            for (int r = 0; r < rows; r++) {
-                float *o = mid + r * I;
-                int64_t c = lo;
-                for (; c + 16 <= hi; c += 16) {
-                    float g[16], u[16];
-                    store16(g, reduced16(part_a, nt, rows, 2 * I, r, c, &L->gate_up, 0));
-                    store16(u, reduced16(part_a, nt, rows, 2 * I, r, I + c, &L->gate_up, 0));
-#pragma omp simd
-                    for (int k = 0; k < 16; k++) o[c + k] = g[k] / (1.f + exp_(-g[k])) * u[k];
-                }
-                for (; c < hi; c++) {
-                    float g = reduced(part_a, nt, rows, 2 * I, r, c, &L->gate_up, 0);
-                    float u = reduced(part_a, nt, rows, 2 * I, r, I + c, &L->gate_up, 0);
-                    o[c] = g / (1.f + exp_(-g)) * u;
-                }
-            }
+            product(int8, &L->down, mid, I, rows, y, H, 0, tid, nt);
             meet(&b, nt);
-            partial_sums(int8, &L->down, 0, H, mid, I, rows, I, part_b, tid, nt);
-            meet(&b, nt);
-            combine_columns(&L->down, H, part_b, nt, rows, 0, rows, 0, H, x, H, 1);
+            for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
         }
         for (int o = 0; o < outs; o++) rms_norm(x + (out ? out[o] : o) * H, m->final_norm, h + o * H, H, m->eps);
-        partial_sums(int8, &m->head, 0, m->vocab, h, H, outs, H, part_a, tid, nt);
-        meet(&b, nt);
-        combine(&m->head, m->vocab, part_a, outs, logits, m->vocab, 0, tid, nt);
+        product(int8, &m->head, h, H, outs, logits, m->vocab, 0, tid, nt);
         free(scores);
     }
     free(first);

@@ -88,6 +88,7 @@ def test_int8_modules_take_nothing_from_the_fast_paths_arena(tokenizer):
 
 
 @needs_thp
-def test_the_c_steps_repacked_int8_matrices_fill_their_arena_exactly(tokenizer):
-    step = ServedModel(random_model("llama_int8"), tokenizer, "base", native=True).fast.native
-    assert step.int8 and step.arena.huge and step.arena.used == step.arena.size > 0
+@pytest.mark.parametrize("family", ["llama_int8", "llama_tied", "llama_biases"])
+def test_the_c_steps_packed_matrices_fill_their_arena_exactly(family, tokenizer):
+    step = ServedModel(random_model(family), tokenizer, "base", native=True).fast.native
+    assert step.int8 == (family == "llama_int8") and step.arena.huge and step.arena.used == step.arena.size > 0

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lifecycle.errors import ConfigError
 from lifecycle.serve import batch as batch_module
 from lifecycle.serve import native
-from lifecycle.serve.batch import Batch
+from lifecycle.serve.batch import Batch, merge
 from lifecycle.serve.engine import LocalEngine
 from lifecycle.serve.served import ServedModel
 
@@ -121,7 +121,7 @@ def test_int8_weights_equal_their_dequantized_float32_model_on_more_rows_than_on
 
 @pytest.mark.parametrize("rows", [2, 5, 9, 10, 17])
 def test_batches_of_any_size_equal_the_hf_forward(rows, tokenizer, threads):
-    # Rows go through the kernels in groups of up to 8 (a last group of 1 through the streaming kernel).
+    # Rows go through the kernels in groups of up to 8; up to 4 rows take several panels at once.
     model = random_model("llama_biases")
     step = ServedModel(model, tokenizer, "base", native=True).fast
     reference_model = random_model("llama_biases")
@@ -132,10 +132,61 @@ def test_batches_of_any_size_equal_the_hf_forward(rows, tokenizer, threads):
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
 
 
+def _ragged_model():
+    # no dimension a multiple of the 32-column panel: every matrix ends in a part-filled one
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**DIMS, "vocab_size": 333, "intermediate_size": 100, "num_key_value_heads": 2})
+    return random_model_from(LlamaForCausalLM(config).eval())
+
+
+def random_model_from(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["ragged", "int8"])
+def test_a_rows_logits_are_the_same_bits_whatever_shares_its_batch_and_however_many_threads(kind, tokenizer):
+    # Each output is one chain of multiply-adds over the inputs in order, whichever tile (1, 3 or 8 + 2 rows) and
+    # thread computes it. Before panels, a row alone and a row among others were summed in other orders.
+    model = _ragged_model() if kind == "ragged" else random_model("llama_int8")
+    step = ServedModel(model, tokenizer, "base", native=True).fast
+    assert step.native is not None and step.native.int8 == (kind == "int8")
+    reference = _ragged_model() if kind == "ragged" else random_model("llama_gqa")
+    batch = _prefilled(reference, 10, 5)
+    ids = torch.arange(10) + 2
+    before = torch.get_num_threads()
+    try:
+        runs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[threads] = _steps(step, copy.deepcopy(batch), ids, 4)
+            for rows in ([0], [3, 5, 9]):
+                alone = _steps(step, merge([(copy.deepcopy(batch), rows)]), ids[rows], 4)
+                for together, apart in zip(runs[threads], alone):
+                    assert torch.equal(together[rows], apart)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_pack_lays_each_panel_of_columns_out_contiguously_and_zeroes_the_last_ones_spare_columns(dtype):
+    weight = torch.randint(-100, 100, (7, 70)).to(dtype)
+    for source in (weight, weight.t().contiguous().t()):  # row-major, and a transposed view (the fast path's)
+        packed = native.pack(source, torch.full(native.packed_shape(7, 70), 99, dtype=dtype))
+        assert packed.shape == (3, 7, 32) and packed.is_contiguous()
+        for column in range(70):
+            assert torch.equal(packed[column // 32, :, column % 32], weight[:, column])
+        assert (packed[2, :, 70 - 64:] == 0).all()
+
+
 @pytest.mark.parametrize("rows", [3, 9])
-def test_a_head_wider_than_one_column_chunk_equals_the_hf_forward(rows, tokenizer, threads):
-    # Batched products run in column chunks of 8,192 (BATCH_CHUNK): this vocabulary spans three, the last ending
-    # off a multiple of 16, so chunk offsets, the vector tail and the scalar tail are all exercised.
+def test_a_wide_head_ending_in_a_part_filled_panel_equals_the_hf_forward(rows, tokenizer, threads):
+    # 514 panels of 32 columns, split between the threads; the last holds 5 columns, so the epilogue's vector and
+    # scalar tails both run.
     def model():
         torch.manual_seed(0)
         return LlamaForCausalLM(LlamaConfig(**{**DIMS, "vocab_size": 2 * 8192 + 37, "num_key_value_heads": 2})).eval()

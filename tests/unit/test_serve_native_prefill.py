@@ -71,9 +71,8 @@ def test_prefill_equals_the_hf_forward(family, tokenizer, threads):
     _compare(_native(random_model(family), tokenizer), random_model(family), 1e-5)
 
 
-def test_many_tokens_take_the_blocked_kernels(tokenizer, threads):
-    # 32 or more prompt tokens go through the products in column chunks of 1,024 and blocks of 128 input rows
-    # (PREFILL_CHUNK, PREFILL_BLOCK): gate/up's 2,200 columns span three chunks, down's 1,100 inputs several blocks
+def test_many_tokens_sweep_each_panel_in_groups_of_rows(tokenizer, threads):
+    # 72 prompt tokens: 9 groups of 8 rows over each panel; gate/up's 1,100 columns end in a part-filled panel
     def model():
         torch.manual_seed(0)
         config = LlamaConfig(**{**DIMS, "hidden_size": 256, "intermediate_size": 1100, "num_key_value_heads": 2})
