@@ -189,7 +189,10 @@ static void panel_block(int int8, const Lin *L, int64_t p, int np, const float *
             if (L->bias) v += load16(L->bias + c);
             store16(sr + c, v);
         }
-        for (; c < c1; c++) sr[c] = (L->scale ? sr[c] * L->scale[c] : sr[c]) + (L->bias ? L->bias[c] : 0.f);
+        for (; c < c1; c++) {
+            if (L->scale) sr[c] *= L->scale[c];
+            if (L->bias) sr[c] += L->bias[c];
+        }
     }
 }
 
@@ -199,10 +202,10 @@ static int panels_at_once(int rows, int64_t p, int64_t hi) {
     return p + np <= hi ? np : 1;
 }
 
-/* This thread's columns of y = x @ W * scale + bias (y += that when `add`) for rows [0, rows) of x; y (rows, ldy).
-   Prefill-sized inputs sweep all their rows over a panel (then in L2) before the next. */
-static void product(int int8, const Lin *L, const float *x, int64_t ldx, int rows, float *y, int64_t ldy, int add,
-                    int tid, int nt) {
+/* This thread's columns of y = x @ W * scale + bias for rows [0, rows) of x; y (rows, ldy). Prefill-sized inputs
+   sweep all their rows over a panel (then in L2) before the next. */
+static void product(int int8, const Lin *L, const float *x, int64_t ldx, int rows, float *y, int64_t ldy, int tid,
+                    int nt) {
     int64_t lo, hi;
     share((L->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
     float s[8 * 4 * PANEL] __attribute__((aligned(64)));
@@ -212,14 +215,7 @@ static void product(int int8, const Lin *L, const float *x, int64_t ldx, int row
         for (int r0 = 0; r0 < rows; r0 += 8) {
             int R = rows - r0 < 8 ? rows - r0 : 8;
             panel_block(int8, L, p, np, x + r0 * ldx, ldx, R, s);
-            for (int r = 0; r < R; r++) {
-                float *yr = y + (r0 + r) * ldy;
-                const float *sr = s + r * 4 * PANEL - c0;
-                if (add)
-                    for (int64_t c = c0; c < c1; c++) yr[c] += sr[c];
-                else
-                    memcpy(yr + c0, sr + c0, sizeof(float) * (c1 - c0));
-            }
+            for (int r = 0; r < R; r++) memcpy(y + (r0 + r) * ldy + c0, s + r * 4 * PANEL, sizeof(float) * (c1 - c0));
         }
         p += np;
     }
@@ -497,7 +493,7 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
-            product(int8, &L->qkv, h, H, rows, qkv, QKV, 0, tid, nt);
+            product(int8, &L->qkv, h, H, rows, qkv, QKV, tid, nt);
             meet(&b, nt);
             for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                 int r = (int)(rg / nkv), g = (int)(rg % nkv);
@@ -513,18 +509,18 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
                 }
             }
             meet(&b, nt);
-            product(int8, &L->o, att, A, rows, y, H, 0, tid, nt);
+            product(int8, &L->o, att, A, rows, y, H, tid, nt);
             meet(&b, nt);
             for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm2, h + r * H, H, m->eps);
             gated(int8, &L->gate, &L->up, h, H, rows, mid, I, tid, nt);
             meet(&b, nt);
-            product(int8, &L->down, mid, I, rows, y, H, 0, tid, nt);
+            product(int8, &L->down, mid, I, rows, y, H, tid, nt);
             meet(&b, nt);
             for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
         }
         for (int o = 0; o < outs; o++) rms_norm(x + (out ? out[o] : o) * H, m->final_norm, h + o * H, H, m->eps);
-        product(int8, &m->head, h, H, outs, logits, m->vocab, 0, tid, nt);
+        product(int8, &m->head, h, H, outs, logits, m->vocab, tid, nt);
         free(scores);
     }
     free(first);
