@@ -13,16 +13,16 @@ from lifecycle.serve.protocol import EngineError, ModelNotFound
 from lifecycle.serve.sampler import Sampler, TokenTexts
 
 # Prompts go through the C step's prefill (lc_prefill) when the longest has at most NATIVE_PREFILL_LONGEST tokens and
-# all together at most NATIVE_PREFILL_TOKENS (its scratch grows with them: ~140 MB at 1,024 tokens on a 120M Llama);
-# otherwise through the HF forward (packed or padded). In float32 its products beat torch's GEMMs at every size
-# measured here (120M: 8 prompts of 8-64 tokens, 369 in all, 398 ms against 464; 16 prompts, ~700 tokens, 800 against
-# 892; 11M, 8 prompts, 40 against 53), but its attention, one query at a time, loses on long prompts: one prompt of
-# 128 tokens 167 against 200 ms (120M), 17 against 23 (11M); 256 tokens 321 against 330 and 46 against 37; 512, 666
-# against 584. int8 weights: torch.ao's int8 GEMMs (VNNI) outrun its float32 arithmetic on int8 weights beyond ~2
-# GFLOP of layer work (11M: one 44-token prompt, 0.7 GFLOP, 5.1 against 8.6 ms; 8 prompts, 5.9 GFLOP, 38.9 against
-# 34.3; 120M: one prompt, 7.5 GFLOP, 58 against 44; 8 prompts 363 against 196), so int8 prompts past
-# NATIVE_PREFILL_INT8_FLOPS keep torch.ao's forward (whose activation quantization differs from the decode steps').
-NATIVE_PREFILL_LONGEST = 192
+# all together at most NATIVE_PREFILL_TOKENS (its scratch grows with them: ~41 MB at 1,024 tokens on a 120M Llama);
+# otherwise through the HF forward (packed or padded). In float32 its products (panels: native_step.c) beat torch's
+# GEMMs at every size measured on an AMD EPYC (2 threads, HF forward first): 120M, 8 prompts of 8-64 tokens 420-535
+# -> 292-294 ms; one prompt of 128 tokens 224-303 -> 146-148, 256: 392-495 -> 298, 512: 760-940 -> 640-645; 11M, 512
+# tokens 90-112 -> 68-72; but its attention, one query at a time, gains nothing by 1,024 (11M: 182-202 against
+# 172-185). int8 weights: torch.ao's int8 GEMMs (VNNI) outrun its float32 arithmetic on int8 weights beyond ~2 GFLOP
+# of layer work (120M: one 44-token prompt, 10 GFLOP, 31 against 53 ms; 8 prompts 150-159 against 315), so int8
+# prompts past NATIVE_PREFILL_INT8_FLOPS keep torch.ao's forward (whose activation quantization differs from the
+# decode steps').
+NATIVE_PREFILL_LONGEST = 512
 NATIVE_PREFILL_TOKENS = 1024
 NATIVE_PREFILL_INT8_FLOPS = 2e9
 
