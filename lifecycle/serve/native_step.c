@@ -202,25 +202,6 @@ static int panels_at_once(int rows, int64_t p, int64_t hi) {
     return p + np <= hi ? np : 1;
 }
 
-/* This thread's columns of y = x @ W * scale + bias for rows [0, rows) of x; y (rows, ldy). Prefill-sized inputs
-   sweep all their rows over a panel (then in L2) before the next. */
-static void product(int int8, const Lin *L, const float *x, int64_t ldx, int rows, float *y, int64_t ldy, int tid,
-                    int nt) {
-    int64_t lo, hi;
-    share((L->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
-    float s[8 * 4 * PANEL] __attribute__((aligned(64)));
-    for (int64_t p = lo; p < hi;) {
-        int np = panels_at_once(rows, p, hi);
-        int64_t c0 = p * PANEL, c1 = (p + np) * PANEL < L->n ? (p + np) * PANEL : L->n;
-        for (int r0 = 0; r0 < rows; r0 += 8) {
-            int R = rows - r0 < 8 ? rows - r0 : 8;
-            panel_block(int8, L, p, np, x + r0 * ldx, ldx, R, s);
-            for (int r = 0; r < R; r++) memcpy(y + (r0 + r) * ldy + c0, s + r * 4 * PANEL, sizeof(float) * (c1 - c0));
-        }
-        p += np;
-    }
-}
-
 /* exp(x) for the softmax and silu: Cephes' single-precision polynomial, written so the loops vectorize;
    x below -87.3 (a masked column) gives 0 */
 static inline float exp_(float x) {
@@ -247,25 +228,31 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t n, floa
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
-/* This thread's columns of mid = silu(x @ gate) * (x @ up) for rows [0, rows) of x; mid (rows, ldm). Gate column c
-   and up column c come from the same panel index, so the thread that sums one has the other. */
-static void gated(int int8, const Lin *gate, const Lin *up, const float *x, int64_t ldx, int rows, float *mid,
-                  int64_t ldm, int tid, int nt) {
+/* This thread's columns of y = x @ W * scale + bias for rows [0, rows) of x; y (rows, ldy). With `up` (the mlp's
+   gate/up pair, W the gate), y = silu(x @ W) * (x @ up) instead: gate column c and up column c come from the same
+   panel index, so the thread that sums one has the other. Prefill-sized inputs sweep all their rows over a panel
+   (then in L2) before the next. */
+static void product(int int8, const Lin *L, const Lin *up, const float *x, int64_t ldx, int rows, float *y,
+                    int64_t ldy, int tid, int nt) {
     int64_t lo, hi;
-    share((gate->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
-    float g[8 * 4 * PANEL] __attribute__((aligned(64))), u[8 * 4 * PANEL] __attribute__((aligned(64)));
+    share((L->n + PANEL - 1) / PANEL, tid, nt, &lo, &hi);
+    float s[8 * 4 * PANEL] __attribute__((aligned(64))), u[8 * 4 * PANEL] __attribute__((aligned(64)));
     for (int64_t p = lo; p < hi;) {
         int np = panels_at_once(rows, p, hi);
-        int64_t c0 = p * PANEL, c1 = (p + np) * PANEL < gate->n ? (p + np) * PANEL : gate->n;
+        int64_t c0 = p * PANEL, c1 = (p + np) * PANEL < L->n ? (p + np) * PANEL : L->n;
         for (int r0 = 0; r0 < rows; r0 += 8) {
             int R = rows - r0 < 8 ? rows - r0 : 8;
-            panel_block(int8, gate, p, np, x + r0 * ldx, ldx, R, g);
-            panel_block(int8, up, p, np, x + r0 * ldx, ldx, R, u);
+            panel_block(int8, L, p, np, x + r0 * ldx, ldx, R, s);
+            if (up) panel_block(int8, up, p, np, x + r0 * ldx, ldx, R, u);
             for (int r = 0; r < R; r++) {
-                float *o = mid + (r0 + r) * ldm + c0;
-                const float *gr = g + r * 4 * PANEL, *ur = u + r * 4 * PANEL;
+                float *o = y + (r0 + r) * ldy + c0;
+                const float *sr = s + r * 4 * PANEL, *ur = u + r * 4 * PANEL;
+                if (!up) {
+                    memcpy(o, sr, sizeof(float) * (c1 - c0));
+                    continue;
+                }
 #pragma omp simd
-                for (int64_t c = 0; c < c1 - c0; c++) o[c] = gr[c] / (1.f + exp_(-gr[c])) * ur[c];
+                for (int64_t c = 0; c < c1 - c0; c++) o[c] = sr[c] / (1.f + exp_(-sr[c])) * ur[c];
             }
         }
         p += np;
@@ -493,7 +480,7 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
         for (int l = 0; l < m->n_layers; l++) {
             const Layer *L = m->layers + l;
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm1, h + r * H, H, m->eps);
-            product(int8, &L->qkv, h, H, rows, qkv, QKV, tid, nt);
+            product(int8, &L->qkv, NULL, h, H, rows, qkv, QKV, tid, nt);
             meet(&b, nt);
             for (int64_t rg = tid; rg < rows * nkv; rg += nt) {
                 int r = (int)(rg / nkv), g = (int)(rg % nkv);
@@ -509,18 +496,18 @@ static void forward(const Model *m, int rows, const int64_t *ids, const int64_t 
                 }
             }
             meet(&b, nt);
-            product(int8, &L->o, att, A, rows, y, H, tid, nt);
+            product(int8, &L->o, NULL, att, A, rows, y, H, tid, nt);
             meet(&b, nt);
             for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
             for (int r = 0; r < rows; r++) rms_norm(x + r * H, L->norm2, h + r * H, H, m->eps);
-            gated(int8, &L->gate, &L->up, h, H, rows, mid, I, tid, nt);
+            product(int8, &L->gate, &L->up, h, H, rows, mid, I, tid, nt);
             meet(&b, nt);
-            product(int8, &L->down, mid, I, rows, y, H, tid, nt);
+            product(int8, &L->down, NULL, mid, I, rows, y, H, tid, nt);
             meet(&b, nt);
             for (int64_t i = 0; i < rows * H; i++) x[i] += y[i];
         }
         for (int o = 0; o < outs; o++) rms_norm(x + (out ? out[o] : o) * H, m->final_norm, h + o * H, H, m->eps);
-        product(int8, &m->head, h, H, outs, logits, m->vocab, tid, nt);
+        product(int8, &m->head, NULL, h, H, outs, logits, m->vocab, tid, nt);
         free(scores);
     }
     free(first);
