@@ -25,8 +25,9 @@ decoder is built (engine start-up with it: 48-73 s for the 11M Llama, 224 s for 
 the eager step on the 11M Llama, 1.1x on the 120M one. Not for int8 modules (the eager step serves them).
 
 Native (`native=True` or "auto", deploy.engine.native, on by default in the engine): the same step in C
-(lifecycle.serve.native), float32 and int8, on the CPU; it packs its own copy of the weights (in panels of 32 columns)
-from the ones prepared here. It replaces the torch step (and makes compiling it pointless: compile is skipped) wherever it builds and applies.
+(lifecycle.serve.native), float32 and int8, on the CPU; it packs its own copy of the weights (in panels of 32
+columns) from the ones prepared here. It replaces the torch step (and makes compiling it pointless: compile is
+skipped) wherever it builds and applies.
 
 int8 variants (torch.ao dynamic quantized Linear) are served too: their Linear modules are called as modules (no
 fusion: each packs its own weights), the rest of the step is the same; the native step decodes them weight-only.

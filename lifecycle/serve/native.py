@@ -201,7 +201,7 @@ def unsupported(decoder) -> str | None:
 
 def matrices(model) -> list[list]:
     """The modules of each matrix the C step packs, in order: the head, then per layer q/k/v (fused), o, gate, up,
-    down."""
+    down (fastpath.projection_groups with gate and up apart: the C step pairs them panel by panel)."""
     groups = [[model.lm_head]]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -248,14 +248,13 @@ class NativeStep:
         self.int8 = decoder.int8
         # every matrix packed in panels (pack), in huge pages where the system has them (lifecycle.serve.hugepages)
         self.arena = hugepages.Arena(_packed_bytes(model, 1 if self.int8 else 4))
+        head, *lins = [self._lin(group) for group in matrices(model)]
         layers = (Layer * len(decoder.layers))()
-        for spec, source, layer in zip(decoder.layers, model.model.layers, layers):
+        for i, (spec, layer) in enumerate(zip(decoder.layers, layers)):
             layer.norm1, layer.norm2 = self._ptr(spec["norm1"]), self._ptr(spec["norm2"])
             layer.q_norm = self._ptr(spec["q_norm"]) if spec["q_norm"] is not None else None
             layer.k_norm = self._ptr(spec["k_norm"]) if spec["k_norm"] is not None else None
-            a, m = source.self_attn, source.mlp
-            layer.qkv, layer.o = self._lin([a.q_proj, a.k_proj, a.v_proj]), self._lin([a.o_proj])
-            layer.gate, layer.up, layer.down = self._lin([m.gate_proj]), self._lin([m.up_proj]), self._lin([m.down_proj])
+            layer.qkv, layer.o, layer.gate, layer.up, layer.down = lins[5 * i:5 * i + 5]
         self.layers = layers
         embed = decoder.embed.detach()
         self.keep.append(embed)
@@ -266,7 +265,7 @@ class NativeStep:
                            vocab=self.vocab, int8=int(self.int8), eps=decoder.eps, scale=decoder.scale,
                            embed=embed.data_ptr(), embed_rows=embed.shape[0], embed_s0=embed.stride(0),
                            embed_s1=embed.stride(1), final_norm=self._ptr(decoder.final_norm),
-                           head=self._lin([model.lm_head]), layers=layers)
+                           head=head, layers=layers)
         self._tables(max(config.max_position_embeddings, 1))
         self.work: dict[tuple[int, int], torch.Tensor] = {}  # scratch per (rows, threads)
         self.caches: tuple | None = None  # (key storage ids, keys array, values array)
