@@ -61,6 +61,21 @@ def test_head_sizes_with_their_own_attention_kernels(head_dim, tokenizer, small_
     assert worst < 1e-5 and grows >= 4
 
 
+def test_sizes_off_every_vector_width_equal_the_hf_forward(tokenizer, small_grow, threads):
+    # hidden 40 (head_dim 10: the generic attention kernel), MLP 70, vocabulary 321: every product ends in a
+    # part-filled panel and a scalar tail of its epilogue
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**DIMS, "hidden_size": 40, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "intermediate_size": 70, "vocab_size": 321})
+        return random_model_from(LlamaForCausalLM(config).eval())
+    fast = ServedModel(model(), tokenizer, "base", native=True)
+    slow = ServedModel(model(), tokenizer, "base", fast_decode=False)
+    assert fast.fast.native is not None and fast.fast.head_dim == 10
+    worst, grows = lockstep(fast, slow, 24)
+    assert worst < 1e-5 and grows >= 4
+
+
 def test_a_wrong_rope_table_fails_the_comparison(tokenizer, small_grow):
     """Negative control: the comparison catches a C step that is subtly wrong."""
     fast = ServedModel(random_model("llama_gqa"), tokenizer, "base", native=True)
