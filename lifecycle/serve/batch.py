@@ -211,8 +211,9 @@ def merge(parts: list[tuple[Batch, list[int]]], room: int = 0) -> Batch | None:
         index = torch.tensor(rows, device=batch.valid.device)
         src, dst, n = slice(batch.t - span, batch.t), slice(t - span, t), len(rows)
         for layer, k, v in zip(batch.layers, keys, values):
-            k[row:row + n, :, :t - span].zero_()  # masked, but a NaN left there would poison the HF path's sums
-            v[row:row + n, :, :t - span].zero_()
+            if not zeroed:  # masked, but a NaN left there would poison the HF path's sums
+                k[row:row + n, :, :t - span].zero_()
+                v[row:row + n, :, :t - span].zero_()
             k[row:row + n, :, dst] = layer.keys.index_select(0, index)[:, :, src]
             v[row:row + n, :, dst] = layer.values.index_select(0, index)[:, :, src]
         valid[row:row + n, dst] = batch.valid.index_select(0, index)[:, src]
