@@ -117,17 +117,23 @@ def _cpu() -> str:
     return "\n".join(found.values()) or platform.processor() or platform.machine()
 
 
-def _build() -> Path:
+def build(source: Path) -> Path:
+    """`source` (a C file beside its Python module) compiled as a shared library with FLAGS, cached like the step."""
+    return _build(source)
+
+
+def _build(source: Path | None = None) -> Path:
+    source = source or SOURCE
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"the C compiler {cc} does not run: {e}") from e
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu().encode(),
+    text = source.read_bytes()
+    digest = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), version.encode(), _cpu().encode(),
                                         torch.__version__.encode()])).hexdigest()[:16]
     directory = cache_dir()
-    target = directory / f"native_step-{digest}.so"
+    target = directory / f"{source.stem}-{digest}.so"
     if target.is_file():
         return target
     try:
@@ -137,18 +143,18 @@ def _build() -> Path:
                                 "a writable directory") from e
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    command = [cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"]
+    command = [cc, *FLAGS, str(source), "-o", partial, "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise NativeUnavailable(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+            raise NativeUnavailable(f"compiling {source.name} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
         os.replace(partial, target)  # atomic: a concurrent build of the same digest writes the same bytes
     except (OSError, subprocess.SubprocessError) as e:
-        raise NativeUnavailable(f"compiling {SOURCE.name} failed: {e}") from e
+        raise NativeUnavailable(f"compiling {source.name} failed: {e}") from e
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    log.info("decode: compiled the native step into %s", target)
+    log.info("compiled %s into %s", source.name, target)
     return target
 
 

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from lifecycle.training import attention
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def mlp_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(module: torch.nn.Module, *args, **kwargs):
-    with _fused_rope(sys.modules[type(module).__module__]):
+    with _fused_globals(sys.modules[type(module).__module__]):
         return type(module).forward(module, *args, **kwargs)
 
 
@@ -122,31 +124,55 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, original):
     return Rotary.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))                       # cos: (B, 1, T, D)
 
 
-_rope_lock = threading.Lock()
-_rope_depth: dict[str, int] = {}
-_rope_original: dict[str, object] = {}
+class _AttentionFunctions:
+    """Stands in for transformers' ALL_ATTENTION_FUNCTIONS: its sdpa function comes wrapped by the C kernel's
+    (lifecycle/training/attention.py, which hands every call it does not compute back to sdpa)."""
+
+    def __init__(self, functions):
+        self._functions = functions
+
+    def get_interface(self, name, default):
+        found = self._functions.get_interface(name, default)
+        return attention.attention_function(found) if name == "sdpa" else found
+
+    def __getitem__(self, name):
+        return self.get_interface(name, None) if name == "sdpa" else self._functions[name]
+
+    def __getattr__(self, name):
+        return getattr(self._functions, name)
+
+
+_globals_lock = threading.Lock()
+_globals_depth: dict[str, int] = {}
+_globals_original: dict[str, tuple] = {}
 
 
 @contextmanager
-def _fused_rope(modeling):
-    """The attention forward calls its modeling module's `apply_rotary_pos_emb` by global name, so there is no
-    instance hook for rope: the name is re-pointed at the fused version for the duration of a patched attention's
-    forward and restored after (reference-counted under a lock, so nested or concurrent patched forwards restore
-    HF's function exactly once). An unpatched model of the same family running in another thread in that window gets
-    the fused version, which computes the same values."""
+def _fused_globals(modeling):
+    """The attention forward calls its modeling module's `apply_rotary_pos_emb` and `ALL_ATTENTION_FUNCTIONS` by
+    global name, so there is no instance hook for rope or the attention kernel: both names are re-pointed at the
+    fused versions for the duration of a patched attention's forward and restored after (reference-counted under a
+    lock, so nested or concurrent patched forwards restore HF's exactly once). An unpatched model of the same family
+    running in another thread in that window gets the fused versions, which compute the same values."""
     name = modeling.__name__
-    with _rope_lock:
-        if not _rope_depth.get(name):
-            _rope_original[name] = modeling.apply_rotary_pos_emb
-            modeling.apply_rotary_pos_emb = functools.partial(apply_rotary_pos_emb, original=_rope_original[name])
-        _rope_depth[name] = _rope_depth.get(name, 0) + 1
+    with _globals_lock:
+        if not _globals_depth.get(name):
+            rope, functions = modeling.apply_rotary_pos_emb, getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None)
+            _globals_original[name] = (rope, functions)
+            modeling.apply_rotary_pos_emb = functools.partial(apply_rotary_pos_emb, original=rope)
+            if functions is not None:
+                modeling.ALL_ATTENTION_FUNCTIONS = _AttentionFunctions(functions)
+        _globals_depth[name] = _globals_depth.get(name, 0) + 1
     try:
         yield
     finally:
-        with _rope_lock:
-            _rope_depth[name] -= 1
-            if not _rope_depth[name]:
-                modeling.apply_rotary_pos_emb = _rope_original.pop(name)
+        with _globals_lock:
+            _globals_depth[name] -= 1
+            if not _globals_depth[name]:
+                rope, functions = _globals_original.pop(name)
+                modeling.apply_rotary_pos_emb = rope
+                if functions is not None:
+                    modeling.ALL_ATTENTION_FUNCTIONS = functions
 
 
 # --- patching ---
