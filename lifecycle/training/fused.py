@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from lifecycle.training import attention
+from lifecycle.training import kernels
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -79,16 +79,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool)
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up; backward computes silu's derivative into the buffer of grad·up (autograd: a third one)."""
+    """silu(gate) * up. On contiguous float32 CPU tensors the C kernels (kernels.py) take one pass each way and save
+    only gate and up; otherwise torch, with silu's derivative computed into the buffer of grad·up (autograd: a third
+    one)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.native = kernels.swiglu_handles(gate, up)
+        if ctx.native:
+            ctx.save_for_backward(gate, up)
+            return kernels.swiglu_forward(gate, up)
         act = F.silu(gate)
         ctx.save_for_backward(gate, up, act)
         return act * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.native:
+            return kernels.swiglu_backward(grad, *ctx.saved_tensors)
         gate, up, act = ctx.saved_tensors
         grad_act = grad * up
         grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_act)
@@ -126,14 +134,14 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, original):
 
 class _AttentionFunctions:
     """Stands in for transformers' ALL_ATTENTION_FUNCTIONS: its sdpa function comes wrapped by the C kernel's
-    (lifecycle/training/attention.py, which hands every call it does not compute back to sdpa)."""
+    (lifecycle/training/kernels.py, which hands every call it does not compute back to sdpa)."""
 
     def __init__(self, functions):
         self._functions = functions
 
     def get_interface(self, name, default):
         found = self._functions.get_interface(name, default)
-        return attention.attention_function(found) if name == "sdpa" else found
+        return kernels.attention_function(found) if name == "sdpa" else found
 
     def __getitem__(self, name):
         return self.get_interface(name, None) if name == "sdpa" else self._functions[name]

@@ -1,14 +1,18 @@
-/* Causal self-attention for training on the CPU, forward and backward, float32 (lifecycle/training/attention.py).
+/* Training kernels for the CPU, float32 (lifecycle/training/kernels.py): causal self-attention and SwiGLU, forward
+   and backward.
 
-   softmax(q k^T * scale, causal) v per (batch, head), with grouped-query heads (a kv head serves heads / kv_heads
-   query heads). Forward saves each row's log-sum-exp; backward recomputes the probabilities from it (FlashAttention's
-   recomputation), so nothing of size T x T outlives a call. Unlike a flash kernel it takes a block of query rows
-   against all the keys it can see at once (a row block's scores fit in cache up to long sequences), so its softmax
-   needs no running rescale, and each 8-row tile stops at its own diagonal: the causal half is skipped to within 16
-   keys. Every product is a register-blocked tile (8 rows x 32 columns, or 4 keys x 64 dims for the transposed
-   products of backward) over contiguous 16-float vectors; the work is split between OpenMP threads by (batch, head)
-   in forward and by (batch, kv head) in backward, so no two threads write the same gradient. Requires head_dim a
-   multiple of 16 and each row's head_dim floats contiguous (the Python side checks and falls back otherwise). */
+   Attention: softmax(q k^T * scale, causal) v per (batch, head), with grouped-query heads (a kv head serves heads /
+   kv_heads query heads). Forward saves each row's log-sum-exp; backward recomputes the probabilities from it
+   (FlashAttention's recomputation), so nothing of size T x T outlives a call. Unlike a flash kernel it takes a block
+   of query rows against all the keys it can see at once (a row block's scores fit in cache up to long sequences), so
+   its softmax needs no running rescale, and each 8-row tile stops at its own diagonal: the causal half is skipped to
+   within 16 keys. Every product is a register-blocked tile (8 rows x 32 columns, or 4 keys x 64 dims for the
+   transposed products of backward) over contiguous 16-float vectors; the work is split between OpenMP threads by
+   (batch, head) in forward and by (batch, kv head) in backward, so no two threads write the same gradient. Requires
+   head_dim a multiple of 16 and each row's head_dim floats contiguous (the Python side checks and falls back).
+
+   SwiGLU: silu(gate) * up in one pass, and both gradients in one pass that recomputes the sigmoid (nothing saved
+   beyond the inputs). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -283,4 +287,27 @@ int lc_attention_backward(int64_t B, int64_t H, int64_t HKV, int64_t T, int D, f
         free(work);
     }
     return failed;
+}
+
+/* out = silu(gate) * up over n contiguous floats */
+void lc_swiglu_forward(const float *gate, const float *up, float *out, int64_t n, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < n; b += 4096) {
+        int64_t e = b + 4096 < n ? b + 4096 : n;
+        for (int64_t i = b; i < e; i++) out[i] = gate[i] / (1.f + exp_(-gate[i])) * up[i];
+    }
+}
+
+/* d gate = grad * up * silu'(gate), d up = grad * silu(gate); silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x) */
+void lc_swiglu_backward(const float *grad, const float *gate, const float *up, float *d_gate, float *d_up, int64_t n,
+                        int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < n; b += 4096) {
+        int64_t e = b + 4096 < n ? b + 4096 : n;
+        for (int64_t i = b; i < e; i++) {
+            float x = gate[i], s = 1.f / (1.f + exp_(-x));
+            d_up[i] = grad[i] * x * s;
+            d_gate[i] = grad[i] * up[i] * s * (1.f + x * (1.f - s));
+        }
+    }
 }

@@ -1,16 +1,19 @@
-"""Causal self-attention for training on the CPU in C (attention.c), forward and backward, as an autograd Function.
+"""Training kernels for the CPU in C (kernels.c): causal self-attention and SwiGLU, forward and backward, float32.
 
-torch's CPU flash kernel splits the work into 64-query x 256-key blocks and calls a small GEMM per block: on the
-11M default Llama (8 x 256 tokens, 5 heads of 64) one layer's attention takes 17.4 ms forward and backward on a
-2-core AMD EPYC, ~60 GFLOP/s. attention.c takes each 8-query tile against all the keys up to its diagonal in one
-register-blocked pass and recomputes the probabilities in backward from the saved log-sum-exp: 9.7 ms. Gradients
-equal sdpa's to float rounding (tests/unit/test_training_attention.py).
-
+Attention: torch's CPU flash kernel splits the work into 64-query x 256-key blocks and calls a small GEMM per block:
+on the 11M default Llama (8 x 256 tokens, 5 heads of 64) one layer's attention takes 17.4 ms forward and backward on
+a 2-core AMD EPYC, ~60 GFLOP/s. kernels.c takes each 8-query tile against all the keys up to its diagonal in one
+register-blocked pass and recomputes the probabilities in backward from the saved log-sum-exp: 9.7 ms.
 `attention_function(original)` wraps transformers' sdpa attention function: calls this kernel handles (float32 CPU
 tensors outside autocast, causal with no mask or padding, no dropout, no cache, no sliding window shorter than the
-sequence, head_dim a multiple of 16) go to the kernel, every other call to `original`. The C file is compiled on
-first use like the serving step (lifecycle/serve/native.py: `$CC`, cached in `$LIFECYCLE_NATIVE_CACHE`); without a
-compiler every call goes to `original` and the reason is logged once.
+sequence, head_dim a multiple of 16) go to the kernel, every other call to `original`.
+
+SwiGLU: silu(gate) * up in one pass and its backward in one (torch: two and three passes, and the saved silu(gate));
+fused.SwiGLU calls it for contiguous float32 CPU tensors.
+
+Values and gradients equal torch's to float rounding (tests/unit/test_training_kernels.py). The C file is compiled
+on first use like the serving step (lifecycle/serve/native.py: `$CC`, cached in `$LIFECYCLE_NATIVE_CACHE`); without
+a compiler the torch versions run and the reason is logged once.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from lifecycle.serve import native
 
-SOURCE = Path(__file__).with_name("attention.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -41,13 +44,16 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(native.build(SOURCE)))
             except (native.NativeUnavailable, OSError) as e:
                 _unavailable = str(e)
-                log.warning("training attention: torch's sdpa (the C kernel is unavailable: %s)", e)
+                log.warning("training kernels: torch's sdpa and SwiGLU (the C kernels are unavailable: %s)", e)
                 return None
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             head = [i64, i64, i64, i64, ctypes.c_int, ctypes.c_float]
             lib.lc_attention_forward.argtypes = head + [p, p] * 4 + [p, ctypes.c_int]
             lib.lc_attention_backward.argtypes = head + [p, p] * 5 + [p] + [p, p] * 3 + [ctypes.c_int]
             lib.lc_attention_forward.restype = lib.lc_attention_backward.restype = ctypes.c_int
+            lib.lc_swiglu_forward.argtypes = [p, p, p, i64, ctypes.c_int]
+            lib.lc_swiglu_backward.argtypes = [p, p, p, p, p, i64, ctypes.c_int]
+            lib.lc_swiglu_forward.restype = lib.lc_swiglu_backward.restype = None
             _library = lib
         return _library
 
@@ -58,7 +64,7 @@ def _strides(x: torch.Tensor):
 
 def _check(code: int, what: str) -> None:
     if code:
-        raise RuntimeError(f"training attention: the C {what} failed ({'out of memory' if code == 2 else code})")
+        raise RuntimeError(f"training kernels: the C {what} failed ({'out of memory' if code == 2 else code})")
 
 
 class CausalAttention(torch.autograd.Function):
@@ -125,3 +131,24 @@ def attention_function(original):
         return CausalAttention.apply(query, key, value, float(scale)), None
 
     return attention
+
+
+def swiglu_handles(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the C SwiGLU takes these: float32 CPU tensors of one shape, both contiguous, outside autocast."""
+    return (gate.device.type == up.device.type == "cpu" and gate.dtype == up.dtype == torch.float32
+            and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous()
+            and not torch.is_autocast_enabled("cpu") and library() is not None)
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(gate)
+    library().lc_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    return out
+
+
+def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    library().lc_swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(),
+                                 gate.numel(), torch.get_num_threads())
+    return d_gate, d_up
