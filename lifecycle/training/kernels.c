@@ -25,6 +25,11 @@ typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 static inline v16 load16(const float *p) { return *(const v16u *)p; }
 static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
 static inline v16 splat(float x) { return (v16){0} + x; }
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline v16 larger(v16 a, v16 b) { /* lane-wise max (a NaN lane in a is kept) */
+    i32x16 take = ~(a <= b);
+    return (v16)(((i32x16)a & take) | ((i32x16)b & ~take));
+}
 
 #define ROWS 64 /* query rows per block: their scores (ROWS x T floats) are the block's working set */
 #define TILE 8  /* query rows per register tile */
@@ -163,18 +168,28 @@ static void forward_head(const float *q, Strides sq, const float *k, Strides sk,
         for (int r = 0; r < rows; r++) {
             int rt = r / TILE * TILE; /* the tile's first row: P @ V reads its rows up to the tile's last key */
             int64_t i = i0 + r, n = i0 + rt + (rows - rt < TILE ? rows - rt : TILE);
-            float *s = S + r * T16, top = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j <= i; j++) {
-                s[j] *= scale;
-                top = s[j] > top ? s[j] : top;
+            /* row i's keys 0..i in whole 16-float vectors (the scores reach that far), the ones past i at -inf;
+               maxima and sums kept per lane so the loops vectorize, then reduced across the 16 lanes */
+            int64_t w = (i + 16) / 16 * 16;
+            float *s = S + r * T16, lane[16], top = -INFINITY, sum = 0.f;
+            for (int64_t j = i + 1; j < w; j++) s[j] = -INFINITY;
+            v16 most = splat(-INFINITY);
+            for (int64_t j = 0; j < w; j += 16) {
+                v16 x = load16(s + j) * scale;
+                store16(s + j, x);
+                most = larger(x, most);
             }
-            for (int64_t j = 0; j <= i; j++) {
-                s[j] = exp_(s[j] - top);
-                sum += s[j];
-            }
+            for (int l = 0; l < 16; l++) top = most[l] > top ? most[l] : top;
+            for (int l = 0; l < 16; l++) lane[l] = 0.f;
+            for (int64_t j = 0; j < w; j += 16)
+                for (int l = 0; l < 16; l++) {
+                    s[j + l] = exp_(s[j + l] - top); /* 0 past i */
+                    lane[l] += s[j + l];
+                }
+            for (int l = 0; l < 16; l++) sum += lane[l];
             float inv = 1.f / sum;
-            for (int64_t j = 0; j <= i; j++) s[j] *= inv;
-            for (int64_t j = i + 1; j < n; j++) s[j] = 0.f;
+            for (int64_t j = 0; j < w; j++) s[j] *= inv;
+            for (int64_t j = w; j < n; j++) s[j] = 0.f;
             lse[i] = top + logf(sum);
         }
         for (int r = 0; r < rows; r += TILE) {
