@@ -1,13 +1,18 @@
-"""Fused training ops for Llama-layout models (llama, mistral, qwen2, qwen3): RMSNorm, rotary embedding and SwiGLU
-as autograd Functions with hand-written backward passes, patched onto a model's modules for training.
+"""Fused training ops for Llama-layout models (llama, mistral, qwen2, qwen3): RMSNorm, rotary embedding, SwiGLU and
+causal attention as autograd Functions with hand-written backward passes, patched onto a model's modules for
+training.
 
 HF's versions are chains of small elementwise ops, each a full pass over its tensor with a fresh allocation, and
 autograd runs more of them backward (rotate_half alone is a neg, a cat and, backward, two zero-filled slices).
 These compute the same formulas in fewer passes, in place on the buffers they create, and save only what their
-backward reads (saved tensors are never overwritten, so retain_graph and gradcheck work). Forward values and
-gradients equal HF's to float rounding (tests/unit/test_fused_ops.py); parameters, state_dict keys and
-save_pretrained are untouched: only instance `forward`s change, and `unpatch` restores them. Tiny Llama, 2 CPU
-threads, one training step A/B in one process: 707 -> 666 ms median.
+backward reads (saved tensors are never overwritten, so retain_graph and gradcheck work). On float32 CPU tensors
+SwiGLU and the causal attention run in C (kernels.py: one pass each way for SwiGLU; attention in 8-query tiles up to
+the diagonal instead of torch's flash kernel); every call the C kernels do not take runs torch's ops or sdpa.
+Forward values and gradients equal HF's to float rounding (tests/unit/test_fused_ops.py,
+tests/unit/test_training_kernels.py); parameters, state_dict keys and save_pretrained are untouched: only instance
+`forward`s change, and `unpatch` restores them. Tiny Llama, 2 CPU threads, one training step A/B in one process:
+707 -> 666 ms median (the torch ops); then, on an AMD EPYC, ~980 -> ~930 ms with the C attention and 950 -> 935 ms
+with the C SwiGLU.
 """
 from __future__ import annotations
 
@@ -237,7 +242,7 @@ def patch(model: torch.nn.Module) -> str | None:
         if forward is not None:
             module.forward = functools.partial(forward, module)
             count += 1
-    log.info("fused ops: RMSNorm, rope and SwiGLU on %d modules", count)
+    log.info("fused ops: RMSNorm, rope, SwiGLU and causal attention on %d modules", count)
     return None
 
 

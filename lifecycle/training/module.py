@@ -25,8 +25,8 @@ class CausalLM(LightningModule):
     temperature-T-softened logits (Hinton et al., 2015); validation still reports plain cross-entropy. Without one,
     a model whose logits are a plain projection of its last hidden state trains on `linear_cross_entropy`, which
     never materialises the full logits (same loss and gradients to float rounding). With `fused_ops` (and without
-    `compile`), Llama-layout models train with fused RMSNorm, rope and SwiGLU (lifecycle/training/fused.py) from
-    fit start to fit end; the teacher never does.
+    `compile`), Llama-layout models train with fused RMSNorm, rope, SwiGLU and causal attention
+    (lifecycle/training/fused.py) from fit start to fit end; the teacher never does.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable, nonfinite: str = "halt",
