@@ -42,6 +42,7 @@ import torch
 from lifecycle.serve import hugepages
 
 SOURCE = Path(__file__).with_name("native_step.c")
+HEADER = Path(__file__).parents[1] / "vectors.h"  # shared by every C file built here: on the include path, digested
 CPUINFO = Path("/proc/cpuinfo")  # what the build's digest names the CPU by (_cpu)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -129,7 +130,7 @@ def _build(source: Path | None = None) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"the C compiler {cc} does not run: {e}") from e
-    text = source.read_bytes()
+    text = source.read_bytes() + HEADER.read_bytes()
     digest = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), version.encode(), _cpu().encode(),
                                         torch.__version__.encode()])).hexdigest()[:16]
     directory = cache_dir()
@@ -143,7 +144,7 @@ def _build(source: Path | None = None) -> Path:
                                 "a writable directory") from e
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    command = [cc, *FLAGS, str(source), "-o", partial, "-lm"]
+    command = [cc, *FLAGS, "-I", str(HEADER.parent), str(source), "-o", partial, "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:

@@ -23,10 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+#include "vectors.h"
+
 typedef int8_t i8x16u __attribute__((vector_size(16), aligned(1), may_alias));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 typedef struct {
     const void *w;       /* panels (ceil(n / 32), in, 32): float, or int8 when the model is int8 (see product) */
@@ -53,8 +52,6 @@ typedef struct {
 } Model;
 
 
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
-static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline v16 load16_i8(const int8_t *p) {
@@ -200,23 +197,6 @@ static void panel_block(int int8, const Lin *L, int64_t p, int np, const float *
 static int panels_at_once(int rows, int64_t p, int64_t hi) {
     int np = rows <= 4 ? wide_panels[rows] : 1;
     return p + np <= hi ? np : 1;
-}
-
-/* exp(x) for the softmax and silu: Cephes' single-precision polynomial, written so the loops vectorize;
-   x below -87.3 (a masked column) gives 0 */
-static inline float exp_(float x) {
-    float z = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x; /* not fminf/fmaxf: those stay libm calls */
-    float k = rintf(z * 1.44269504088896341f);
-    float r = z - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    float e = p * r * r + r + 1.f;
-    union { int32_t i; float f; } two = {.i = ((int32_t)k + 127) << 23};
-    return x < -87.3f ? 0.f : e * two.f;
 }
 
 static void rms_norm(const float *x, const float *w, float *out, int64_t n, float eps) {

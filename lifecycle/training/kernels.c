@@ -19,13 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+#include "vectors.h"
 
-static inline v16 load16(const float *p) { return *(const v16u *)p; }
-static inline void store16(float *p, v16 v) { *(v16u *)p = v; }
 static inline v16 splat(float x) { return (v16){0} + x; }
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 static inline v16 larger(v16 a, v16 b) { /* lane-wise max (a NaN lane in a is kept) */
     i32x16 take = ~(a <= b);
     return (v16)(((i32x16)a & take) | ((i32x16)b & ~take));
@@ -33,22 +29,6 @@ static inline v16 larger(v16 a, v16 b) { /* lane-wise max (a NaN lane in a is ke
 
 #define ROWS 64 /* query rows per block: their scores (ROWS x T floats) are the block's working set */
 #define TILE 8  /* query rows per register tile */
-
-/* exp(x) (Cephes' single-precision polynomial, written so loops vectorize); x below -87.3 gives 0 */
-static inline float exp_(float x) {
-    float z = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x;
-    float k = rintf(z * 1.44269504088896341f);
-    float r = z - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    float e = p * r * r + r + 1.f;
-    union { int32_t i; float f; } two = {.i = ((int32_t)k + 127) << 23};
-    return x < -87.3f ? 0.f : e * two.f;
-}
 
 /* C[r][c] = sum_k A[r][k] B[k][c] for R rows and NV * 16 columns: sums in registers over all k */
 static inline __attribute__((always_inline)) void nn_tile(int R, int NV, const float *A, int64_t lda, const float *B,

@@ -245,8 +245,14 @@ def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
     edited = tmp_path / "native_step.c"
     edited.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
     monkeypatch.setattr(native, "SOURCE", edited)
-    assert native._build() != first
+    second = native._build()
+    assert second != first
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no partial file left
+    header = tmp_path / "include" / "vectors.h"  # the shared header is part of the digest and on the include path
+    header.parent.mkdir()
+    header.write_text(native.HEADER.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "HEADER", header)
+    assert native._build() not in (first, second)
 
 
 def test_the_build_is_named_by_the_cpus_instructions_not_only_its_model_name(tmp_path, monkeypatch):
