@@ -30,33 +30,45 @@ static inline v16 larger(v16 a, v16 b) { /* lane-wise max (a NaN lane in a is ke
 #define ROWS 64 /* query rows per block: their scores (ROWS x T floats) are the block's working set */
 #define TILE 8  /* query rows per register tile */
 
-/* C[r][c] = sum_k A[r][k] B[k][c] for R rows and NV * 16 columns: sums in registers over all k */
-static inline __attribute__((always_inline)) void nn_tile(int R, int NV, const float *A, int64_t lda, const float *B,
-                                                          int64_t ldb, int64_t K, float *C, int64_t ldc) {
-    v16 acc[TILE][2];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = (v16){0};
+/* C[m][c] (+)= sum_k a(m, k) B[k][c] for M rows of C and NV * 16 columns, the sums in registers over all k.
+   Plain (T = 0): a(m, k) = A[m][k] and C is written. Transposed (T = 1): a(m, k) = A[k][m] (backward's Pᵀ dO and
+   dSᵀ Q, m a key and k a query row) and C is accumulated into. */
+static inline __attribute__((always_inline)) void tile(int M, int NV, int T, const float *A, int64_t lda,
+                                                       const float *B, int64_t ldb, int64_t K, float *C, int64_t ldc) {
+    v16 acc[TILE][4];
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < NV; v++) acc[m][v] = T ? load16(C + m * ldc + 16 * v) : (v16){0};
     for (int64_t k = 0; k < K; k++) {
-        v16 b[2];
+        v16 b[4];
         for (int v = 0; v < NV; v++) b[v] = load16(B + k * ldb + 16 * v);
-        for (int r = 0; r < R; r++) {
-            v16 a = splat(A[r * lda + k]);
-            for (int v = 0; v < NV; v++) acc[r][v] += a * b[v];
+        for (int m = 0; m < M; m++) {
+            v16 a = splat(T ? A[k * lda + m] : A[m * lda + k]);
+            for (int v = 0; v < NV; v++) acc[m][v] += a * b[v];
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) store16(C + r * ldc + 16 * v, acc[r][v]);
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < NV; v++) store16(C + m * ldc + 16 * v, acc[m][v]);
 }
 
-#define NN(R, NV)                                                                                                  \
-    static void nn_##R##_##NV(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t K, float *C,         \
-                              int64_t ldc) { nn_tile(R, NV, A, lda, B, ldb, K, C, ldc); }
-NN(1, 1) NN(2, 1) NN(3, 1) NN(4, 1) NN(5, 1) NN(6, 1) NN(7, 1) NN(8, 1)
-NN(1, 2) NN(2, 2) NN(3, 2) NN(4, 2) NN(5, 2) NN(6, 2) NN(7, 2) NN(8, 2)
-typedef void (*nn_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t);
-static const nn_fn nn_table[2][TILE + 1] = {
-    {0, nn_1_1, nn_2_1, nn_3_1, nn_4_1, nn_5_1, nn_6_1, nn_7_1, nn_8_1},
-    {0, nn_1_2, nn_2_2, nn_3_2, nn_4_2, nn_5_2, nn_6_2, nn_7_2, nn_8_2}};
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t);
+#define TILE_FN(M, NV, T)                                                                                          \
+    static void tile_##M##_##NV##_##T(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t K, float *C, \
+                                      int64_t ldc) { tile(M, NV, T, A, lda, B, ldb, K, C, ldc); }
+/* plain: up to 8 rows x 32 columns; transposed: up to 4 keys x 64 dims (16 accumulators either way) */
+TILE_FN(1, 1, 0) TILE_FN(2, 1, 0) TILE_FN(3, 1, 0) TILE_FN(4, 1, 0) TILE_FN(5, 1, 0) TILE_FN(6, 1, 0)
+TILE_FN(7, 1, 0) TILE_FN(8, 1, 0) TILE_FN(1, 2, 0) TILE_FN(2, 2, 0) TILE_FN(3, 2, 0) TILE_FN(4, 2, 0)
+TILE_FN(5, 2, 0) TILE_FN(6, 2, 0) TILE_FN(7, 2, 0) TILE_FN(8, 2, 0)
+TILE_FN(1, 1, 1) TILE_FN(2, 1, 1) TILE_FN(3, 1, 1) TILE_FN(4, 1, 1) TILE_FN(1, 2, 1) TILE_FN(2, 2, 1)
+TILE_FN(3, 2, 1) TILE_FN(4, 2, 1) TILE_FN(1, 3, 1) TILE_FN(2, 3, 1) TILE_FN(3, 3, 1) TILE_FN(4, 3, 1)
+TILE_FN(1, 4, 1) TILE_FN(2, 4, 1) TILE_FN(3, 4, 1) TILE_FN(4, 4, 1)
+static const tile_fn nn_table[2][TILE + 1] = {
+    {0, tile_1_1_0, tile_2_1_0, tile_3_1_0, tile_4_1_0, tile_5_1_0, tile_6_1_0, tile_7_1_0, tile_8_1_0},
+    {0, tile_1_2_0, tile_2_2_0, tile_3_2_0, tile_4_2_0, tile_5_2_0, tile_6_2_0, tile_7_2_0, tile_8_2_0}};
+static const tile_fn tn_table[5][5] = {{0},
+                                       {0, tile_1_1_1, tile_2_1_1, tile_3_1_1, tile_4_1_1},
+                                       {0, tile_1_2_1, tile_2_2_1, tile_3_2_1, tile_4_2_1},
+                                       {0, tile_1_3_1, tile_2_3_1, tile_3_3_1, tile_4_3_1},
+                                       {0, tile_1_4_1, tile_2_4_1, tile_3_4_1, tile_4_4_1}};
 
 /* C[R x N] = A[R x K] B[K x N], N a multiple of 16 (R <= TILE) */
 static void nn(int R, const float *A, int64_t lda, const float *B, int64_t ldb, int64_t K, int64_t N, float *C,
@@ -65,33 +77,6 @@ static void nn(int R, const float *A, int64_t lda, const float *B, int64_t ldb, 
     for (; c + 32 <= N; c += 32) nn_table[1][R](A, lda, B + c, ldb, K, C + c, ldc);
     if (c < N) nn_table[0][R](A, lda, B + c, ldb, K, C + c, ldc);
 }
-
-/* C[j][d] += sum_r A[r][j] B[r][d] for J keys (j) and NV * 16 dims (d), r over R rows: the transposed product */
-static inline __attribute__((always_inline)) void tn_tile(int J, int NV, const float *A, int64_t lda, const float *B,
-                                                          int64_t ldb, int64_t R, float *C, int64_t ldc) {
-    v16 acc[4][4];
-    for (int j = 0; j < J; j++)
-        for (int v = 0; v < NV; v++) acc[j][v] = load16(C + j * ldc + 16 * v);
-    for (int64_t r = 0; r < R; r++) {
-        v16 b[4];
-        for (int v = 0; v < NV; v++) b[v] = load16(B + r * ldb + 16 * v);
-        for (int j = 0; j < J; j++) {
-            v16 a = splat(A[r * lda + j]);
-            for (int v = 0; v < NV; v++) acc[j][v] += a * b[v];
-        }
-    }
-    for (int j = 0; j < J; j++)
-        for (int v = 0; v < NV; v++) store16(C + j * ldc + 16 * v, acc[j][v]);
-}
-
-#define TN(J, NV)                                                                                                  \
-    static void tn_##J##_##NV(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t R, float *C,         \
-                              int64_t ldc) { tn_tile(J, NV, A, lda, B, ldb, R, C, ldc); }
-TN(1, 1) TN(2, 1) TN(3, 1) TN(4, 1) TN(1, 2) TN(2, 2) TN(3, 2) TN(4, 2)
-TN(1, 3) TN(2, 3) TN(3, 3) TN(4, 3) TN(1, 4) TN(2, 4) TN(3, 4) TN(4, 4)
-typedef void (*tn_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t);
-static const tn_fn tn_table[5][5] = {{0}, {0, tn_1_1, tn_2_1, tn_3_1, tn_4_1}, {0, tn_1_2, tn_2_2, tn_3_2, tn_4_2},
-                                     {0, tn_1_3, tn_2_3, tn_3_3, tn_4_3}, {0, tn_1_4, tn_2_4, tn_3_4, tn_4_4}};
 
 /* C[j][:D] += sum_{r >= first(j)} A[r][j] B[r][:D] for keys j < n, where row r (query i0 + r) sees key j only from
    r = j - i0 on: each 4-key tile starts at its first seeing row */
