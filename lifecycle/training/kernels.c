@@ -118,6 +118,8 @@ typedef struct {
     int64_t b, h, t; /* element strides of a (batch, head, position, dim) tensor; dim's stride is 1 */
 } Strides;
 
+static inline Strides strides(const int64_t *s) { return (Strides){s[0], s[1], s[2]}; }
+
 static inline const float *at(const float *x, Strides s, int64_t b, int64_t h) { return x + b * s.b + h * s.h; }
 
 static int64_t padded(int64_t T) { return (T + 15) / 16 * 16; }
@@ -169,7 +171,7 @@ int lc_attention_forward(int64_t B, int64_t H, int64_t HKV, int64_t T, int D, fl
                          const int64_t *sq, const float *k, const int64_t *sk, const float *v, const int64_t *sv,
                          float *o, const int64_t *so, float *lse, int nthreads) {
     if (D % 16 || D <= 0 || H % HKV) return 1;
-    Strides Q = {sq[0], sq[1], sq[2]}, K = {sk[0], sk[1], sk[2]}, V = {sv[0], sv[1], sv[2]}, O = {so[0], so[1], so[2]};
+    Strides Q = strides(sq), K = strides(sk), V = strides(sv), O = strides(so);
     int64_t T16 = padded(T), group = H / HKV;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -241,9 +243,8 @@ int lc_attention_backward(int64_t B, int64_t H, int64_t HKV, int64_t T, int D, f
                           float *dq, const int64_t *sdq, float *dk, const int64_t *sdk, float *dv, const int64_t *sdv,
                           int nthreads) {
     if (D % 16 || D <= 0 || H % HKV) return 1;
-    Strides Q = {sq[0], sq[1], sq[2]}, K = {sk[0], sk[1], sk[2]}, V = {sv[0], sv[1], sv[2]}, O = {so[0], so[1], so[2]};
-    Strides Dd = {sd[0], sd[1], sd[2]}, DQ = {sdq[0], sdq[1], sdq[2]}, DK = {sdk[0], sdk[1], sdk[2]};
-    Strides DV = {sdv[0], sdv[1], sdv[2]};
+    Strides Q = strides(sq), K = strides(sk), V = strides(sv), O = strides(so), Dd = strides(sd), DQ = strides(sdq),
+            DK = strides(sdk), DV = strides(sdv);
     int64_t T16 = padded(T);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
