@@ -89,7 +89,7 @@ def library() -> ctypes.CDLL:
     global _library
     with _lock:
         if _library is None:
-            _library = _load(_build())
+            _library = _load(build())
         return _library
 
 
@@ -118,12 +118,9 @@ def _cpu() -> str:
     return "\n".join(found.values()) or platform.processor() or platform.machine()
 
 
-def build(source: Path) -> Path:
-    """`source` (a C file beside its Python module) compiled as a shared library with FLAGS, cached like the step."""
-    return _build(source)
-
-
-def _build(source: Path | None = None) -> Path:
+def build(source: Path | None = None) -> Path:
+    """`source` (a C file beside its Python module; default the step's) compiled as a shared library with FLAGS and
+    the shared header, cached under a digest of both (see the module docstring)."""
     source = source or SOURCE
     cc = _compiler()
     try:

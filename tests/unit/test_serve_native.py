@@ -239,20 +239,20 @@ def test_a_token_id_outside_the_embedding_is_refused_not_read(tokenizer):
 
 def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("LIFECYCLE_NATIVE_CACHE", str(tmp_path / "cache"))
-    first = native._build()
+    first = native.build()
     assert first.parent == tmp_path / "cache" and first.is_file()
-    assert native._build() == first  # no second compile
+    assert native.build() == first  # no second compile
     edited = tmp_path / "native_step.c"
     edited.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
     monkeypatch.setattr(native, "SOURCE", edited)
-    second = native._build()
+    second = native.build()
     assert second != first
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".so", ".so"]  # no partial file left
     header = tmp_path / "include" / "vectors.h"  # the shared header is part of the digest and on the include path
     header.parent.mkdir()
     header.write_text(native.HEADER.read_text() + "\n/* edited */\n")
     monkeypatch.setattr(native, "HEADER", header)
-    assert native._build() not in (first, second)
+    assert native.build() not in (first, second)
 
 
 def test_the_build_is_named_by_the_cpus_instructions_not_only_its_model_name(tmp_path, monkeypatch):
